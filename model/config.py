@@ -1,0 +1,62 @@
+"""Named DUPS sizes (paper Table 1) as typed configs: the registry every CLI and test uses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Widths and depths per stage (stage 1 = 32x32 tokens ... stage 4 = 4x4 tokens).
+
+    ``depths_right`` are the descending-path blocks of stages 1..3 (stage 4 has none).
+    Heads default to width / 32 (head size 32, as AutoFocusFormer). ``mlp_ratio`` is chosen
+    per size so the full segmentation model lands on the paper's parameter counts.
+    """
+
+    dims: tuple[int, int, int, int]
+    depths_left: tuple[int, int, int, int]
+    depths_right: tuple[int, int, int]
+    mlp_ratio: float = 4.0
+    head_dim: int = 32
+    cluster_size: int = 8  # tokens per cluster along the Hilbert curve (AFF: 8)
+    nbhd_size: int = 48  # keys per cluster (AFF: 48)
+    grid_kernel: int = 7  # natten window on the stage-1 grid (7 x 7 = 49 keys)
+    image_data: bool = True  # Table 5 "No aux data" turns it off
+    unet: bool = True  # Table 5 "No U-Net": no descending path
+    drop_path: float = 0.1
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for d in self.dims:
+            if d % self.head_dim:
+                raise ValueError(f"width {d} is not a multiple of head_dim {self.head_dim}")
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        return tuple(d // self.head_dim for d in self.dims)
+
+
+ENCODERS: dict[str, EncoderConfig] = {
+    # Table 1, exactly.
+    "dups_tiny": EncoderConfig(dims=(512, 256, 128, 64), depths_left=(1, 1, 1, 4),
+                               depths_right=(4, 16, 4), mlp_ratio=3.0),
+    "dups_small": EncoderConfig(dims=(512, 256, 128, 64), depths_left=(2, 2, 2, 2),
+                                depths_right=(3, 24, 6), mlp_ratio=4.0),
+    "dups_base": EncoderConfig(dims=(768, 384, 192, 96), depths_left=(2, 2, 2, 8),
+                               depths_right=(4, 18, 6), mlp_ratio=4.0),
+    # Not in the paper: a narrow, shallow model for CPU demos and tests.
+    "dups_demo": EncoderConfig(dims=(128, 64, 32, 32), depths_left=(1, 1, 1, 1),
+                               depths_right=(1, 1, 1), mlp_ratio=2.0, head_dim=16,
+                               drop_path=0.0),
+}
+
+
+def encoder_config(name: str, **overrides) -> EncoderConfig:
+    """The named size, with field overrides (an unknown name or field is a clear error)."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(ENCODERS)}")
+    known = {f.name for f in fields(EncoderConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown encoder setting(s) {bad}; known: {sorted(known)}")
+    return replace(ENCODERS[name], **overrides)

@@ -1,0 +1,54 @@
+"""Upsampling-score targets: the fraction of semantic-edge pixels in each patch.
+
+One definition, shared by the model's score loss and the offline data preparation. A pixel
+is an edge pixel when a 4-neighbour carries a different class; ignore pixels are never edge
+pixels and never make a neighbour one. The score of a patch of side s is its edge-pixel
+count / s^2. Maps cover ceil(H/s) x ceil(W/s) patches: pixels beyond the image count as
+non-edge (the same as the ignore padding that inference adds).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SCORE_SCALES = (32, 16, 8)  # patch sides of the tokens the three upsampling blocks score
+
+
+def edge_map(label: Tensor, ignore_index: int = 255) -> Tensor:
+    """Boolean edge map of integer labels (..., H, W)."""
+    valid = label != ignore_index
+    edge = torch.zeros_like(label, dtype=torch.bool)
+    dx = (label[..., :, 1:] != label[..., :, :-1]) & valid[..., :, 1:] & valid[..., :, :-1]
+    dy = (label[..., 1:, :] != label[..., :-1, :]) & valid[..., 1:, :] & valid[..., :-1, :]
+    edge[..., :, 1:] |= dx
+    edge[..., :, :-1] |= dx
+    edge[..., 1:, :] |= dy
+    edge[..., :-1, :] |= dy
+    return edge
+
+
+def edge_scores(label: Tensor | np.ndarray, scales=SCORE_SCALES,
+                ignore_index: int = 255) -> dict[int, Tensor]:
+    """{s: (..., ceil(H/s), ceil(W/s)) float32 edge fraction} for integer labels (..., H, W)."""
+    if isinstance(label, np.ndarray):
+        label = torch.from_numpy(label.astype(np.int64))
+    edge = edge_map(label, ignore_index).float()
+    lead, (h, w) = edge.shape[:-2], edge.shape[-2:]
+    edge = edge.reshape(-1, 1, h, w)
+    out = {}
+    for s in scales:
+        padded = F.pad(edge, (0, -w % s, 0, -h % s))
+        counts = F.avg_pool2d(padded, s, divisor_override=1)
+        out[s] = (counts / (s * s)).reshape(*lead, *counts.shape[-2:])
+    return out
+
+
+def token_targets(score_map: Tensor, centres: Tensor, patch: int) -> Tensor:
+    """Targets (B, n) for tokens of side ``patch`` at ``centres`` (B, n, 2) from a score
+    map (B, H/patch, W/patch) of the same patch side."""
+    cols = (centres[..., 0] // patch).long()
+    rows = (centres[..., 1] // patch).long()
+    flat = score_map.flatten(1)
+    return flat.gather(1, rows * score_map.shape[-1] + cols)

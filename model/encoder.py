@@ -1,0 +1,188 @@
+"""The DUPS encoder: an inverted U-Net over a growing mixed-resolution token set (Sec. 3.1).
+
+Ascending (left) path: 32x32 stem -> stage 1 blocks -> [upsampling block -> project the whole
+set to the next width -> stage blocks] x 3. Descending (right) path, stages 3, 2, 1: the
+newest (finest) tokens go out to the decoder, the others are projected to the stage's width,
+added to the left path's output for the same rows, and refined by the right-side blocks.
+Output: a sparse 4-level pyramid (patch sides 4, 8, 16, 32) with the tokens' centres.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .attention import (Neighbourhood, NeighbourhoodAttention, cluster_neighbourhood,
+                        grid_neighbourhood)
+from .config import EncoderConfig, encoder_config
+from .ratios import RatioPolicy
+from .tokens import STAGE_PATCH_SIZES, TokenSet, grid_centres
+from .upsampling import CentreEmbedding, UpsampleRecord, UpsamplingBlock, mlp
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a sample's residual branch with probability ``p``."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with neighbourhood attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = NeighbourhoodAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = mlp(dim, int(dim * mlp_ratio), dim, layers=2)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, centres: Tensor, nbhd: Neighbourhood) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), centres, nbhd))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Stage(nn.ModuleList):
+    def forward(self, x: Tensor, centres: Tensor, nbhd: Neighbourhood) -> Tensor:
+        for block in self:
+            x = block(x, centres, nbhd)
+        return x
+
+
+def projection(dim_in: int, dim_out: int) -> nn.Sequential:
+    """Width change at a stage boundary: LayerNorm + Linear over the whole token set."""
+    return nn.Sequential(nn.LayerNorm(dim_in), nn.Linear(dim_in, dim_out))
+
+
+@dataclass
+class Level:
+    """One pyramid level: the tokens of one patch side."""
+
+    patch: int
+    features: Tensor  # (B, n, C)
+    centres: Tensor  # (B, n, 2)
+
+
+@dataclass
+class EncoderOutput:
+    levels: list[Level]  # patch sides 4, 8, 16, 32 (finest first)
+    tokens: TokenSet  # the final stage's whole token set (left path, before descent)
+    records: list[UpsampleRecord]  # one per upsampling block
+
+    @property
+    def tokens_per_stage(self) -> list[int]:
+        return list(self.tokens.offsets)
+
+
+class DUPSEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dims
+        total = sum(cfg.depths_left) + (sum(cfg.depths_right) if cfg.unet else 0)
+        rates = iter(torch.linspace(0, cfg.drop_path, max(total, 1)).tolist())
+
+        def stage(i: int, depth: int) -> Stage:
+            return Stage(Block(d[i], cfg.heads[i], cfg.mlp_ratio, next(rates))
+                         for _ in range(depth))
+
+        self.stem = nn.Conv2d(3, d[0], kernel_size=32, stride=32)
+        self.stem_norm = nn.LayerNorm(d[0])
+        self.stem_pos = CentreEmbedding(d[0])
+        self.left = nn.ModuleList(stage(i, cfg.depths_left[i]) for i in range(4))
+        self.upsample = nn.ModuleList(
+            UpsamplingBlock(d[i], STAGE_PATCH_SIZES[i], cfg.image_data) for i in range(3))
+        self.widen_up = nn.ModuleList(projection(d[i], d[i + 1]) for i in range(3))
+        if cfg.unet:
+            self.right = nn.ModuleList(stage(i, cfg.depths_right[i]) for i in range(3))
+            self.widen_down = nn.ModuleList(projection(d[i + 1], d[i]) for i in range(3))
+        self.out_norms = nn.ModuleList(nn.LayerNorm(d[i]) for i in range(4))
+        self.ratio_policy = RatioPolicy()
+        self.set_attention_backend(cfg.attention_backend)
+        self.apply(_init_weights)
+
+    def set_attention_backend(self, backend: str) -> None:
+        for m in self.modules():
+            if isinstance(m, NeighbourhoodAttention):
+                m.backend = backend
+
+    def check_images(self, images: Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % 32 or w % 32:
+            raise ValueError(
+                f"image sides must be multiples of 32 (the stem's patch), got {h}x{w}; "
+                "pad the image first (pipeline inference pads with the ignore value)")
+
+    def forward(self, images: Tensor, policy: RatioPolicy | None = None,
+                oracle_maps: dict[int, Tensor] | None = None) -> EncoderOutput:
+        """``oracle_maps``: {patch side: (B, H/p, W/p) ground-truth edge fractions}
+        (``model.edges.edge_scores`` of the labels) that choose the tokens instead of the
+        predictions (Table 7)."""
+        self.check_images(images)
+        policy = policy or self.ratio_policy
+        b, _, h, w = images.shape
+        x = self.stem(images).flatten(2).transpose(1, 2)
+        centres = grid_centres(h, w, 32, images.device).expand(b, -1, -1)
+        x = self.stem_norm(x) + self.stem_pos(centres).to(x.dtype)
+        tokens = TokenSet(x, centres, torch.zeros(b, x.shape[1], dtype=torch.long,
+                                                  device=x.device), [x.shape[1]])
+        nbhds: list[Neighbourhood] = []
+        left_out: list[Tensor] = []
+        records: list[UpsampleRecord] = []
+        for i in range(4):
+            if i > 0:
+                oracle = oracle_maps[STAGE_PATCH_SIZES[i - 1]] if oracle_maps else None
+                tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle)
+                records.append(rec)
+                tokens = tokens.with_features(self.widen_up[i - 1](tokens.features))
+            if i == 0:
+                nbhd = grid_neighbourhood(b, h // 32, w // 32, 32.0, self.cfg.grid_kernel,
+                                          images.device)
+            else:
+                nbhd = cluster_neighbourhood(tokens.centres, float(STAGE_PATCH_SIZES[i]),
+                                             self.cfg.cluster_size, self.cfg.nbhd_size)
+            tokens = tokens.with_features(self.left[i](tokens.features, tokens.centres, nbhd))
+            nbhds.append(nbhd)
+            left_out.append(tokens.features)
+        levels = [self._level(3, tokens, tokens.features)]
+        x = tokens.features
+        for i in (2, 1, 0):
+            if self.cfg.unet:
+                end = tokens.offsets[i]
+                x = self.widen_down[i](x[:, :end]) + left_out[i]
+                x = self.right[i](x, tokens.centres[:, :end], nbhds[i])
+            else:
+                x = left_out[i]
+            levels.append(self._level(i, tokens, x))
+        return EncoderOutput(levels=levels, tokens=tokens, records=records)
+
+    def _level(self, stage: int, tokens: TokenSet, x: Tensor) -> Level:
+        rows = tokens.stage_rows(stage)
+        return Level(STAGE_PATCH_SIZES[stage], self.out_norms[stage](x[:, rows]),
+                     tokens.centres[:, rows])
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def build_encoder(name: str, **overrides) -> DUPSEncoder:
+    """``dups_tiny`` / ``dups_small`` / ``dups_base`` (Table 1) or ``dups_demo``."""
+    return DUPSEncoder(encoder_config(name, **overrides))

@@ -1,0 +1,125 @@
+"""The dynamic upsampling block (paper Sec. 3.2, Fig. 2, App. A).
+
+A 3-layer MLP scores the finest tokens (predicted edge-pixel fraction of their patch); the
+top K (K from the ratio policy) are cloned into 2x2 children. Each child gets the block's
+learned scale embedding, a learned sub-patch embedding (its place in the 2x2 split), the
+embedding of its position, and the image data of its own patch (raw pixels ->
+Linear(3 p^2, d) -> 2-layer MLP). The children are appended to the token set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .edges import token_targets
+from .ratios import RatioPolicy
+from .tokens import TokenSet, child_offsets
+
+
+def mlp(dim: int, hidden: int, out: int, layers: int) -> nn.Sequential:
+    """``layers`` Linear layers with GELU between them."""
+    mods: list[nn.Module] = []
+    widths = [dim] + [hidden] * (layers - 1) + [out]
+    for i in range(layers):
+        mods.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < layers - 1:
+            mods.append(nn.GELU())
+    return nn.Sequential(*mods)
+
+
+class CentreEmbedding(nn.Module):
+    """Embedding of token centres: sinusoids of the pixel position (wavelengths 8 px to
+    2048 px) through a Linear layer. Sinusoids make offsets between tokens a linear function
+    of their embeddings, so the embedding carries relative position."""
+
+    def __init__(self, dim: int, num_freqs: int = 16):
+        super().__init__()
+        wavelengths = torch.logspace(math.log10(8), math.log10(2048), num_freqs)
+        self.register_buffer("omega", 2 * math.pi / wavelengths, persistent=False)
+        self.proj = nn.Linear(4 * num_freqs, dim)
+
+    def forward(self, centres: Tensor) -> Tensor:
+        theta = centres.float()[..., None] * self.omega  # (..., 2, F)
+        feats = torch.cat([theta.sin(), theta.cos()], -1).flatten(-2)
+        return self.proj(feats.to(self.proj.weight.dtype))
+
+
+def image_patches(images: Tensor, patch: int) -> Tensor:
+    """(B, 3, H, W) -> (B, H/p * W/p, 3 p^2): the pixels of each patch, raster order."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+@dataclass
+class UpsampleRecord:
+    """What one block saw and chose, for the score loss and the token pictures."""
+
+    patch: int  # side of the scored (parent) tokens
+    centres: Tensor  # (B, N_s, 2) centres of the scored tokens
+    scores: Tensor | None  # (B, N_s) predicted edge fractions (None when not computed)
+    selected: Tensor  # (B, K) indices into the scored tokens, ascending
+
+
+class UpsamplingBlock(nn.Module):
+    """Scores the finest tokens of a set of width ``dim`` and splits the top K of them."""
+
+    def __init__(self, dim: int, parent_patch: int, image_data: bool = True):
+        super().__init__()
+        self.parent_patch = parent_patch
+        self.child_patch = parent_patch // 2
+        self.score = mlp(dim, dim, 1, layers=3)
+        self.scale_embed = nn.Parameter(torch.zeros(dim))
+        self.subpatch_embed = nn.Parameter(torch.zeros(4, dim))
+        nn.init.trunc_normal_(self.scale_embed, std=0.02)
+        nn.init.trunc_normal_(self.subpatch_embed, std=0.02)
+        self.pos_embed = CentreEmbedding(dim)
+        self.image_data = image_data
+        if image_data:
+            self.image_proj = nn.Linear(3 * self.child_patch ** 2, dim)
+            self.image_mlp = mlp(dim, dim, dim, layers=2)
+
+    def forward(self, tokens: TokenSet, images: Tensor, policy: RatioPolicy, block: int,
+                oracle_map: Tensor | None = None) -> tuple[TokenSet, UpsampleRecord]:
+        """``oracle_map``: ground-truth edge fractions (B, H/p, W/p) at this block's parent
+        patch side p; when given they choose the tokens instead of the predictions (Table 7)
+        and the predictions still get their loss."""
+        rows = tokens.stage_rows(tokens.num_stages - 1)
+        cand = tokens.features[:, rows]
+        cand_centres = tokens.centres[:, rows]
+        b, n, d = cand.shape
+        scores = None
+        if not policy.random_selection:
+            scores = self.score(cand).squeeze(-1)
+        choose_by = scores
+        if oracle_map is not None:
+            choose_by = token_targets(oracle_map, cand_centres, self.parent_patch)
+        k = policy.num_selected(block, choose_by.detach() if choose_by is not None
+                                else cand.new_zeros(b, n), self.training)
+        if policy.random_selection:
+            selected = torch.rand(b, n, device=cand.device).topk(k, dim=1).indices
+        else:
+            selected = choose_by.detach().topk(k, dim=1).indices
+        selected = selected.sort(dim=1).values
+        record = UpsampleRecord(self.parent_patch, cand_centres, scores, selected)
+        if k == 0:
+            return tokens.append(cand[:, :0], cand_centres[:, :0], tokens.scales[:, :0]), record
+
+        parents = cand.gather(1, selected[..., None].expand(-1, -1, d))  # (B, K, d)
+        parent_centres = cand_centres.gather(1, selected[..., None].expand(-1, -1, 2))
+        centres = (parent_centres[:, :, None] + child_offsets(self.parent_patch, cand.device))
+        centres = centres.reshape(b, 4 * k, 2)
+        feats = parents[:, :, None] + self.subpatch_embed + self.scale_embed  # (B, K, 4, d)
+        feats = feats.reshape(b, 4 * k, d) + self.pos_embed(centres).to(feats.dtype)
+        if self.image_data:
+            p = self.child_patch
+            pixels = image_patches(images, p)
+            grid_w = images.shape[-1] // p
+            index = (centres[..., 1] // p).long() * grid_w + (centres[..., 0] // p).long()
+            pixels = pixels.gather(1, index[..., None].expand(-1, -1, pixels.shape[-1]))
+            feats = feats + self.image_mlp(self.image_proj(pixels.to(feats.dtype)))
+        scale_index = tokens.scales.new_full((b, 4 * k), tokens.num_stages)
+        return tokens.append(feats, centres, scale_index), record

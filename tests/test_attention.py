@@ -1,0 +1,181 @@
+"""Neighbourhood attention: each path against brute-force dense attention with an explicit
+neighbourhood mask that the test computes on its own (plain Python loops)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.attention import (NeighbourhoodAttention, cluster_neighbourhood, grid_neighbourhood,
+                             hilbert_index, xformers_available)
+
+
+def hilbert_xy2d(n: int, x: int, y: int) -> int:
+    """The textbook per-point Hilbert index (Wikipedia's xy2d), written out independently."""
+    d = 0
+    s = n // 2
+    while s > 0:
+        rx = 1 if x & s else 0
+        ry = 1 if y & s else 0
+        d += s * s * ((3 * rx) ^ ry)
+        if ry == 0:
+            if rx == 1:
+                x, y = n - 1 - x, n - 1 - y
+            x, y = y, x
+        s //= 2
+    return d
+
+
+def test_hilbert_matches_textbook_and_is_a_bijection():
+    xs, ys = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    codes = hilbert_index(xs.flatten(), ys.flatten(), bits=4)
+    expected = [hilbert_xy2d(16, int(x), int(y)) for x, y in zip(xs.flatten(), ys.flatten())]
+    assert codes.tolist() == expected
+    assert sorted(expected) == list(range(256))
+    # consecutive codes are 4-neighbours: the curve's locality
+    inv = {c: (int(x), int(y)) for c, x, y in zip(expected, xs.flatten(), ys.flatten())}
+    assert all(abs(inv[c][0] - inv[c + 1][0]) + abs(inv[c][1] - inv[c + 1][1]) == 1
+               for c in range(255))
+
+
+def cluster_mask(centres: np.ndarray, m: int, k: int) -> np.ndarray:
+    """(N, N) bool: query i may attend key j. Independent of model.attention."""
+    n = len(centres)
+    codes = [hilbert_xy2d(1 << 16, int(math.floor(cx)), int(math.floor(cy)))
+             for cx, cy in centres]
+    order = sorted(range(n), key=lambda i: (codes[i], i))
+    mask = np.zeros((n, n), dtype=bool)
+    for start in range(0, n, m):
+        members = order[start:start + m]
+        centre = centres[members].mean(0)
+        dist = np.sqrt(((centres - centre) ** 2).sum(1))
+        keys = np.argsort(dist, kind="stable")[:k]
+        for q in members:
+            mask[q, keys] = True
+    return mask
+
+
+def window_mask(h: int, w: int, kernel: int) -> np.ndarray:
+    """natten's neighbourhood: a kernel x kernel window shifted inwards at the borders."""
+    mask = np.zeros((h * w, h * w), dtype=bool)
+    for r in range(h):
+        for c in range(w):
+            r0 = min(max(r - kernel // 2, 0), h - kernel)
+            c0 = min(max(c - kernel // 2, 0), w - kernel)
+            for rr in range(r0, r0 + kernel):
+                for cc in range(c0, c0 + kernel):
+                    mask[r * w + c, rr * w + cc] = True
+    return mask
+
+
+def dense_reference(attn: NeighbourhoodAttention, x, centres, mask, unit):
+    """softmax(q k^T / sqrt(d) + bias(pk - pq) + mask) v with the bias evaluated directly."""
+    b, n, c = x.shape
+    h, d = attn.heads, attn.head_dim
+    q, k, v = attn.qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, h, N, N)
+    offsets = centres[:, None, :, :] - centres[:, :, None, :]  # key - query
+    a, bb = attn.bias_cos.detach(), attn.bias_sin.detach()
+    omega = attn.frequencies(unit).to(centres.dtype)
+    theta = torch.einsum("bqkc,fc->bqkf", offsets, omega)
+    bias = torch.einsum("bqkf,hf->bhqk", theta.cos(), a) + torch.einsum("bqkf,hf->bhqk", theta.sin(), bb)
+    logits = logits + bias + torch.where(torch.as_tensor(mask), 0.0, -math.inf)
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+    return attn.proj(out)
+
+
+@pytest.fixture
+def attn():
+    torch.manual_seed(0)
+    module = NeighbourhoodAttention(dim=32, heads=2).double()
+    with torch.no_grad():  # a bias large enough to matter in the comparison
+        module.bias_cos.normal_(0, 1.0)
+        module.bias_sin.normal_(0, 1.0)
+    return module
+
+
+def test_cluster_attention_equals_brute_force(attn):
+    torch.manual_seed(1)
+    n, m, k = 45, 8, 12  # N not a multiple of the cluster size: a short last cluster
+    centres = torch.rand(1, n, 2, dtype=torch.float64) * 200
+    x = torch.randn(1, n, 32, dtype=torch.float64)
+    nbhd = cluster_neighbourhood(centres, unit=8.0, cluster_size=m, nbhd_size=k)
+    mask = cluster_mask(centres[0].numpy(), m, k)
+    got = attn(x, centres, nbhd)
+    want = dense_reference(attn, x, centres, mask, 8.0)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_cluster_attention_batches_are_independent(attn):
+    torch.manual_seed(2)
+    centres = torch.rand(2, 30, 2, dtype=torch.float64) * 100
+    x = torch.randn(2, 30, 32, dtype=torch.float64)
+    nbhd = cluster_neighbourhood(centres, unit=4.0, cluster_size=4, nbhd_size=10)
+    got = attn(x, centres, nbhd)
+    for i in range(2):
+        mask = cluster_mask(centres[i].numpy(), 4, 10)
+        want = dense_reference(attn, x[i:i + 1], centres[i:i + 1], mask, 4.0)
+        torch.testing.assert_close(got[i:i + 1], want, rtol=1e-9, atol=1e-9)
+
+
+def grid_inputs(h, w, patch=32, dtype=torch.float64):
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    centres = torch.stack([xs, ys], -1).reshape(1, h * w, 2).to(dtype) * patch + patch / 2
+    x = torch.randn(1, h * w, 32, dtype=dtype)
+    return x, centres
+
+
+def test_grid_attention_equals_brute_force(attn):
+    torch.manual_seed(3)
+    h, w, kernel = 6, 9, 5
+    x, centres = grid_inputs(h, w)
+    nbhd = grid_neighbourhood(1, h, w, unit=32.0, kernel=kernel)
+    got = attn(x, centres, nbhd)
+    want = dense_reference(attn, x, centres, window_mask(h, w, kernel), 32.0)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@torch.no_grad()  # natten's CPU path (flex attention) has no backward
+def test_natten_equals_reference_on_a_grid(attn):
+    pytest.importorskip("natten")
+    torch.manual_seed(4)
+    module = attn.float()
+    x, centres = grid_inputs(6, 7, dtype=torch.float32)
+    nbhd = grid_neighbourhood(1, 6, 7, unit=32.0, kernel=5)
+    module.backend = "torch"
+    want = module(x, centres, nbhd)
+    module.backend = "natten"
+    got = module(x, centres, nbhd)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not xformers_available(), reason="xformers with CUDA kernels not available")
+def test_xformers_equals_reference_on_gpu(attn):
+    torch.manual_seed(5)
+    module = attn.float().cuda()
+    centres = torch.rand(2, 300, 2, device="cuda") * 500
+    x = torch.randn(2, 300, 32, device="cuda")
+    nbhd = cluster_neighbourhood(centres, unit=8.0)
+    module.backend = "torch"
+    want = module(x, centres, nbhd)
+    module.backend = "xformers"
+    got = module(x, centres, nbhd)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_bias_parameters_learn(attn):
+    torch.manual_seed(6)
+    x, centres = grid_inputs(4, 4)
+    nbhd = grid_neighbourhood(1, 4, 4, unit=32.0, kernel=3)
+    attn(x, centres, nbhd).square().sum().backward()
+    assert attn.bias_cos.grad.abs().sum() > 0 and attn.bias_sin.grad.abs().sum() > 0
+
+
+def test_unknown_backend_is_a_clear_error(attn):
+    x, centres = grid_inputs(4, 4)
+    attn.backend = "flash9000"
+    with pytest.raises(ValueError, match="unknown attention backend 'flash9000'"):
+        attn(x, centres, grid_neighbourhood(1, 4, 4, 32.0, 3))
+    attn.backend = "natten"
+    with pytest.raises(ValueError, match="full regular grid"):
+        attn(x, centres, cluster_neighbourhood(centres, 32.0, 4, 8))
