@@ -1,0 +1,86 @@
+"""Backbone cost of full vs fixed-beta vs random-50% upsampling, measured side by side.
+
+Same weights, same input, policies interleaved round by round; prints GFLOPs (multiply-adds,
+flop_counter / 2), tokens per stage, median latency, and each policy's ratio to full.
+
+    .venv/bin/python benchmarks/backbone.py --model dups_tiny --image-size 512 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import RatioPolicy, build_encoder  # noqa: E402
+from pipeline.measure import FLOP_CONVENTION, count_gmacs  # noqa: E402
+
+
+def policies(preset: str) -> dict[str, RatioPolicy]:
+    return {
+        "full": RatioPolicy("full"),
+        f"fixed beta ({preset})": RatioPolicy.from_preset("fixed", preset),
+        "random 50%": RatioPolicy("random", random_ratio=0.5),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="dups_tiny")
+    ap.add_argument("--image-size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--preset", default="ade20k")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    enc = build_encoder(args.model).eval().to(device)
+    image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    pols = policies(args.preset)
+
+    def run(policy):
+        torch.manual_seed(1)  # the same random selection every round
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            return enc(image, policy)
+
+    def timed(policy) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run(policy)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    stats = {}
+    for name, pol in pols.items():
+        gmacs, out = count_gmacs(run, pol)
+        run(pol)  # warm-up
+        stats[name] = {"gflops": gmacs / args.batch, "tokens": out.tokens_per_stage, "ms": []}
+    for _ in range(args.repeats):
+        for name, pol in pols.items():
+            stats[name]["ms"].append(timed(pol))
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{args.model} backbone, {args.image_size}x{args.image_size}, batch {args.batch}, "
+          f"{device_name}, {'bf16' if args.bf16 else 'fp32'}, median of {args.repeats}")
+    print(f"[{FLOP_CONVENTION}; per image]")
+    print(f"{'policy':<24}{'GFLOPs':>9}{'x full':>8}{'ms':>10}{'x full':>8}  tokens per stage")
+    full = stats["full"]
+    full_ms = statistics.median(full["ms"])
+    for name, s in stats.items():
+        ms = statistics.median(s["ms"])
+        print(f"{name:<24}{s['gflops']:>9.2f}{s['gflops'] / full['gflops']:>8.3f}"
+              f"{ms:>10.1f}{ms / full_ms:>8.3f}  {' / '.join(map(str, s['tokens']))}")
+
+
+if __name__ == "__main__":
+    main()
