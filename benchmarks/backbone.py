@@ -1,9 +1,11 @@
-"""Backbone cost of full vs fixed-beta vs random-50% upsampling, measured side by side.
+"""Cost of full vs fixed-beta vs random-50% upsampling, measured side by side: the backbone
+(default) or the whole segmentation model (``--task segmentation``).
 
 Same weights, same input, policies interleaved round by round; prints GFLOPs (multiply-adds,
 flop_counter / 2), tokens per stage, median latency, and each policy's ratio to full.
 
     .venv/bin/python benchmarks/backbone.py --model dups_tiny --image-size 512 --repeats 5
+    .venv/bin/python benchmarks/backbone.py --task segmentation
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import RatioPolicy, build_encoder  # noqa: E402
+from model.segmentor import build_segmentor  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION, count_gmacs  # noqa: E402
 
 
@@ -31,6 +34,7 @@ def policies(preset: str) -> dict[str, RatioPolicy]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="dups_tiny")
+    ap.add_argument("--task", default="backbone", choices=["backbone", "segmentation"])
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--preset", default="ade20k")
@@ -41,14 +45,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    enc = build_encoder(args.model).eval().to(device)
+    model = build_encoder(args.model) if args.task == "backbone" else build_segmentor(args.model)
+    model = model.eval().to(device)
     image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     pols = policies(args.preset)
 
     def run(policy):
         torch.manual_seed(1)  # the same random selection every round
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            return enc(image, policy)
+            out = model(image, policy)
+            return out.tokens_per_stage
 
     def timed(policy) -> float:
         if device.type == "cuda":
@@ -63,14 +69,14 @@ def main() -> None:
     for name, pol in pols.items():
         gmacs, out = count_gmacs(run, pol)
         run(pol)  # warm-up
-        stats[name] = {"gflops": gmacs / args.batch, "tokens": out.tokens_per_stage, "ms": []}
+        stats[name] = {"gflops": gmacs / args.batch, "tokens": out, "ms": []}
     for _ in range(args.repeats):
         for name, pol in pols.items():
             stats[name]["ms"].append(timed(pol))
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{args.model} backbone, {args.image_size}x{args.image_size}, batch {args.batch}, "
+    print(f"{args.model} {args.task}, {args.image_size}x{args.image_size}, batch {args.batch}, "
           f"{device_name}, {'bf16' if args.bf16 else 'fp32'}, median of {args.repeats}")
     print(f"[{FLOP_CONVENTION}; per image]")
     print(f"{'policy':<24}{'GFLOPs':>9}{'x full':>8}{'ms':>10}{'x full':>8}  tokens per stage")

@@ -51,12 +51,46 @@ ENCODERS: dict[str, EncoderConfig] = {
 }
 
 
-def encoder_config(name: str, **overrides) -> EncoderConfig:
-    """The named size, with field overrides (an unknown name or field is a clear error)."""
-    if name not in ENCODERS:
-        raise ValueError(f"unknown model {name!r}; known models: {sorted(ENCODERS)}")
-    known = {f.name for f in fields(EncoderConfig)}
+def _configured(registry: dict, name: str, kind: str, overrides: dict):
+    """The named config with field overrides; an unknown name or field is a clear error."""
+    if name not in registry:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(registry)}")
+    base = registry[name]
+    known = {f.name for f in fields(base)}
     bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"unknown encoder setting(s) {bad}; known: {sorted(known)}")
-    return replace(ENCODERS[name], **overrides)
+        raise ValueError(f"unknown {kind} setting(s) {bad}; known: {sorted(known)}")
+    return replace(base, **overrides)
+
+
+def encoder_config(name: str, **overrides) -> EncoderConfig:
+    return _configured(ENCODERS, name, "encoder", overrides)
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Point-based pixel decoder + Mask2Former transformer decoder (Mask2Former defaults:
+    hidden 256, 6 pixel-decoder layers, 100 queries, 9 decoder layers, FFN 2048)."""
+
+    dim: int = 256
+    pixel_layers: int = 6
+    pixel_heads: int = 8
+    pixel_mlp_ratio: float = 4.0
+    queries: int = 100
+    layers: int = 9
+    heads: int = 8
+    ffn: int = 2048
+    mask_dim: int = 256
+
+
+DECODERS: dict[str, DecoderConfig] = {
+    "dups_tiny": DecoderConfig(),
+    "dups_small": DecoderConfig(),
+    "dups_base": DecoderConfig(),
+    "dups_demo": DecoderConfig(dim=64, pixel_layers=2, pixel_heads=4, queries=16, layers=3,
+                               heads=4, ffn=256, mask_dim=64),
+}
+
+
+def decoder_config(name: str, **overrides) -> DecoderConfig:
+    return _configured(DECODERS, name, "decoder", overrides)

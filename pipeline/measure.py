@@ -13,6 +13,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import RatioPolicy, build_encoder
+from model.segmentor import build_segmentor
+
+TASKS = ("backbone", "segmentation")
 
 FLOP_CONVENTION = "GFLOPs = multiply-adds (torch.utils.flop_counter total / 2, as fvcore)"
 
@@ -40,10 +43,14 @@ def policy_for(ratio: str, preset: str, random_ratio: float = 0.5) -> RatioPolic
 @dataclass
 class Summary:
     model: str
+    task: str
     image_size: int
     ratio: str
     preset: str
+    num_classes: int
     params_backbone_m: float
+    params_decoder_m: float
+    params_total_m: float
     gflops: float
     tokens_per_stage: list[int]
     latency_ms: float
@@ -55,15 +62,25 @@ class Summary:
 
 @torch.no_grad()
 def summarize(model_name: str, image_size: int = 512, ratio: str = "full",
-              preset: str = "ade20k", seed: int = 0) -> Summary:
-    """Builds the named model (random weights) and measures it on one random image."""
+              preset: str = "ade20k", task: str = "segmentation", num_classes: int = 150,
+              seed: int = 0) -> Summary:
+    """Builds the named model (random weights) and measures it on one random image.
+    ``task``: ``segmentation`` (DUPS + Mask2Former decoder) or ``backbone`` (encoder only)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     torch.manual_seed(seed)
-    encoder = build_encoder(model_name).eval()
+    if task == "segmentation":
+        model = build_segmentor(model_name, num_classes).eval()
+        encoder = model.encoder
+    else:
+        model = encoder = build_encoder(model_name).eval()
     image = torch.randn(1, 3, image_size, image_size)
     policy = policy_for(ratio, preset)
-    gmacs, out = count_gmacs(encoder, image, policy)
+    gmacs, out = count_gmacs(model, image, policy)
     start = time.perf_counter()
-    encoder(image, policy)
+    model(image, policy)
     latency = (time.perf_counter() - start) * 1e3
-    return Summary(model_name, image_size, ratio, preset, count_params(encoder) / 1e6,
-                   round(gmacs, 3), out.tokens_per_stage, round(latency, 1))
+    backbone, total = count_params(encoder) / 1e6, count_params(model) / 1e6
+    return Summary(model_name, task, image_size, ratio, preset, num_classes, round(backbone, 3),
+                   round(total - backbone, 3), round(total, 3), round(gmacs, 3),
+                   out.tokens_per_stage, round(latency, 1))

@@ -145,14 +145,20 @@ def test_bad_input_is_a_clear_error(demo):
 
 def test_summary_cli_json(capsys):
     assert cli_main(["summary", "--model", "dups_demo", "--image-size", "512", "--ratio", "full",
-                     "--json"]) == 0
+                     "--task", "backbone", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tokens_per_stage"] == [256, 1280, 5376, 21760]
     assert report["gflops"] > 0 and "multiply-adds" in report["flop_convention"]
+    assert report["params_decoder_m"] == 0 and report["params_total_m"] == report["params_backbone_m"]
     assert cli_main(["summary", "--model", "dups_demo", "--image-size", "512", "--ratio", "fixed",
-                     "--json"]) == 0
+                     "--task", "backbone", "--json"]) == 0
     fixed = json.loads(capsys.readouterr().out)
     assert fixed["gflops"] < report["gflops"]
+    assert cli_main(["summary", "--model", "dups_demo", "--image-size", "256", "--classes", "19",
+                     "--json"]) == 0
+    seg = json.loads(capsys.readouterr().out)
+    assert seg["task"] == "segmentation" and seg["params_decoder_m"] > 0
+    assert seg["params_total_m"] == pytest.approx(seg["params_backbone_m"] + seg["params_decoder_m"])
     with pytest.raises(SystemExit):
         cli_main(["summary", "--preset", "kitti"])
     assert "invalid choice: 'kitti'" in capsys.readouterr().err

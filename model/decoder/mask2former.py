@@ -1,0 +1,99 @@
+"""Mask2Former's masked-attention transformer decoder (Cheng et al. 2022), on dense maps.
+
+Learned queries; each layer = masked cross-attention to one level (round-robin over strides
+32, 16, 8), self-attention, FFN (post-norm, as Mask2Former). The mask of each cross-attention
+is the previous prediction thresholded at 0.5. Predictions (class logits with a no-object
+class, mask logits at stride 4) come before the first layer and after every layer: the last
+is the output, the others feed deep supervision.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..upsampling import mlp
+
+
+def sine_positions(height: int, width: int, dim: int, device=None) -> Tensor:
+    """Mask2Former's normalised 2-D sine position encoding, (H*W, dim)."""
+    half = dim // 2
+    eps, scale = 1e-6, 2 * math.pi
+    y = (torch.arange(1, height + 1, device=device, dtype=torch.float32) / (height + eps)) * scale
+    x = (torch.arange(1, width + 1, device=device, dtype=torch.float32) / (width + eps)) * scale
+    t = 10000 ** (2 * (torch.arange(half, device=device) // 2) / half)
+    py, px = y[:, None] / t, x[:, None] / t  # (H, half), (W, half)
+    py = torch.stack([py[:, 0::2].sin(), py[:, 1::2].cos()], 2).flatten(1)
+    px = torch.stack([px[:, 0::2].sin(), px[:, 1::2].cos()], 2).flatten(1)
+    pos = torch.cat([py[:, None].expand(-1, width, -1), px[None].expand(height, -1, -1)], -1)
+    return pos.reshape(height * width, dim)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn: int):
+        super().__init__()
+        self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ffn = mlp(dim, ffn, dim, layers=2)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
+
+    def forward(self, q: Tensor, q_pos: Tensor, memory: Tensor, m_pos: Tensor,
+                mask: Tensor | None) -> Tensor:
+        q = self.norms[0](q + self.cross(q + q_pos, memory + m_pos, memory, attn_mask=mask,
+                                         need_weights=False)[0])
+        qp = q + q_pos
+        q = self.norms[1](q + self.self_attn(qp, qp, q, need_weights=False)[0])
+        return self.norms[2](q + self.ffn(q))
+
+
+@dataclass
+class Prediction:
+    logits: Tensor  # (B, Q, K+1), the last class is "no object"
+    masks: Tensor  # (B, Q, H/4, W/4) mask logits
+
+
+class MaskedTransformerDecoder(nn.Module):
+    def __init__(self, num_classes: int, dim: int = 256, queries: int = 100, layers: int = 9,
+                 heads: int = 8, ffn: int = 2048, mask_dim: int = 256, num_levels: int = 3):
+        super().__init__()
+        self.heads, self.num_levels = heads, num_levels
+        self.query_feat = nn.Embedding(queries, dim)
+        self.query_pos = nn.Embedding(queries, dim)
+        self.level_embed = nn.Embedding(num_levels, dim)
+        self.layers = nn.ModuleList(DecoderLayer(dim, heads, ffn) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.class_head = nn.Linear(dim, num_classes + 1)
+        self.mask_head = mlp(dim, dim, mask_dim, layers=3)
+
+    def _predict(self, q: Tensor, mask_features: Tensor, next_size: tuple[int, int]):
+        q = self.norm(q)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_head(q), mask_features)
+        # attention mask for the next layer: True = may not attend
+        small = F.interpolate(masks, size=next_size, mode="bilinear", align_corners=False)
+        blocked = (small.sigmoid().flatten(2) < 0.5).detach()
+        blocked[blocked.all(-1)] = False  # a query that would see nothing sees everything
+        blocked = blocked.repeat_interleave(self.heads, 0)
+        return Prediction(self.class_head(q), masks), blocked
+
+    def forward(self, maps: list[Tensor], mask_features: Tensor) -> list[Prediction]:
+        """``maps``: dense memory, coarsest first. Returns every prediction, last = final."""
+        b = mask_features.shape[0]
+        memory, m_pos, sizes = [], [], []
+        for i, m in enumerate(maps):
+            h, w = m.shape[-2:]
+            sizes.append((h, w))
+            memory.append(m.flatten(2).transpose(1, 2) + self.level_embed.weight[i])
+            m_pos.append(sine_positions(h, w, m.shape[1], m.device).to(m.dtype)[None])
+        q = self.query_feat.weight.unsqueeze(0).repeat(b, 1, 1)
+        q_pos = self.query_pos.weight.unsqueeze(0).repeat(b, 1, 1)
+        pred, blocked = self._predict(q, mask_features, sizes[0])
+        preds = [pred]
+        for i, layer in enumerate(self.layers):
+            lvl = i % self.num_levels
+            q = layer(q, q_pos, memory[lvl], m_pos[lvl], blocked)
+            pred, blocked = self._predict(q, mask_features, sizes[(i + 1) % self.num_levels])
+            preds.append(pred)
+        return preds

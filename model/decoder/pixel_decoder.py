@@ -1,0 +1,78 @@
+"""Point-based pixel decoder (AutoFocusFormer's idea, our layers).
+
+The three coarser levels (patch 8, 16, 32) are projected to one width, tagged with a level
+embedding and a centre embedding, concatenated, and refined by transformer layers whose
+neighbourhood attention mixes the levels by token position (the sparse counterpart of
+Mask2Former's multi-scale deformable attention). The finest level (patch 4) gets an FPN-style
+lateral projection plus the refined feature of the token it was split from. Then every level
+is densified: maps at strides 32/16/8 for the transformer decoder, mask features at stride 4.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import cluster_neighbourhood
+from ..encoder import Block, Level, Stage
+from ..upsampling import CentreEmbedding
+from .densify import Densify, cover_index
+
+
+@dataclass
+class PixelDecoderOutput:
+    maps: list[Tensor]  # dense (B, C, H/s, W/s) for s = 32, 16, 8 (the decoder's memory)
+    mask_features: Tensor  # (B, mask_dim, H/4, W/4)
+
+
+def _proj(dim_in: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim_in, dim), nn.LayerNorm(dim))
+
+
+class PointPixelDecoder(nn.Module):
+    def __init__(self, in_dims: tuple[int, int, int, int], dim: int = 256, layers: int = 6,
+                 heads: int = 8, mlp_ratio: float = 4.0, mask_dim: int = 256,
+                 cluster_size: int = 8, nbhd_size: int = 48):
+        """``in_dims``: encoder widths of the levels with patch 4, 8, 16, 32."""
+        super().__init__()
+        self.cluster_size, self.nbhd_size = cluster_size, nbhd_size
+        self.input_proj = nn.ModuleList(_proj(in_dims[i], dim) for i in (1, 2, 3))
+        self.level_embed = nn.Parameter(torch.zeros(3, dim))
+        nn.init.normal_(self.level_embed, std=0.02)
+        self.pos = CentreEmbedding(dim)
+        self.layers = Stage(Block(dim, heads, mlp_ratio, 0.0) for _ in range(layers))
+        self.lateral = _proj(in_dims[0], dim)
+        self.fuse = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU())
+        self.mask_proj = nn.Linear(dim, mask_dim)
+        self.densify_maps = nn.ModuleList(Densify(dim) for _ in range(3))
+        self.densify_mask = Densify(mask_dim)
+
+    def forward(self, levels: list[Level], height: int, width: int) -> PixelDecoderOutput:
+        fine, coarse = levels[0], levels[1:]
+        x = torch.cat([proj(lv.features) + emb for proj, lv, emb in
+                       zip(self.input_proj, coarse, self.level_embed)], 1)
+        centres = torch.cat([lv.centres for lv in coarse], 1)
+        x = x + self.pos(centres).to(x.dtype)
+        nbhd = cluster_neighbourhood(centres, float(coarse[0].patch), self.cluster_size,
+                                     self.nbhd_size)
+        x = self.layers(x, centres, nbhd)
+        coarse_feats = list(x.split([lv.features.shape[1] for lv in coarse], 1))
+        coarse_centres = [lv.centres for lv in coarse]
+        coarse_patches = [lv.patch for lv in coarse]
+
+        # FPN step for the finest tokens: add the refined feature of the covering token.
+        parent_of = cover_index(coarse_centres, coarse_patches, fine.patch, height, width)
+        gw = width // fine.patch
+        cell = (fine.centres[..., 1] // fine.patch).long() * gw + (fine.centres[..., 0] // fine.patch).long()
+        parent = parent_of.gather(1, cell)
+        parent_feat = x.gather(1, parent[..., None].expand(-1, -1, x.shape[-1]))
+        fine_feat = self.fuse(self.lateral(fine.features) + parent_feat)
+
+        maps = [dens(coarse_feats[::-1][: i + 1], coarse_centres[::-1][: i + 1],
+                     coarse_patches[::-1][: i + 1], p, height, width)
+                for i, (dens, p) in enumerate(zip(self.densify_maps, coarse_patches[::-1]))]
+        mask_tokens = [self.mask_proj(f) for f in [fine_feat] + coarse_feats]
+        mask_features = self.densify_mask(mask_tokens, [fine.centres] + coarse_centres,
+                                          [fine.patch] + coarse_patches, fine.patch, height, width)
+        return PixelDecoderOutput(maps=maps, mask_features=mask_features)

@@ -1,0 +1,90 @@
+"""The criterion against transformers' Mask2FormerLoss on identical inputs and random points,
+and the score loss against a direct computation."""
+import pytest
+import torch
+
+from model.criterion import CriterionConfig, SegmentationCriterion, semantic_targets
+from model.decoder import Prediction
+from model.edges import edge_scores, token_targets
+from model.upsampling import UpsampleRecord
+
+
+def random_case(seed=0, b=2, q=7, k=5, h=32, w=40):
+    g = torch.Generator().manual_seed(seed)
+    preds = [Prediction(torch.randn(b, q, k + 1, generator=g),
+                        torch.randn(b, q, h // 4, w // 4, generator=g) * 3) for _ in range(3)]
+    labels = torch.randint(0, k, (b, h // 8, w // 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    labels[0, :5, :7] = 255
+    return preds, labels
+
+
+def test_equals_transformers_mask2former_loss():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    preds, labels = random_case()
+    k = 5
+    cfg = CriterionConfig(num_points=300)
+    ours = SegmentationCriterion(k, cfg)
+    hf_cfg = transformers.Mask2FormerConfig(
+        num_labels=k, class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
+        train_num_points=300, oversample_ratio=3.0, importance_sample_ratio=0.75)
+    theirs = Mask2FormerLoss(hf_cfg, weight_dict={})
+    targets = semantic_targets(labels, k)
+
+    torch.manual_seed(123)
+    got = ours(preds, labels)
+    torch.manual_seed(123)
+    want = theirs(preds[-1].masks, preds[-1].logits, [t.masks for t in targets],
+                  [t.classes for t in targets],
+                  auxiliary_predictions=[{"masks_queries_logits": p.masks, "class_queries_logits": p.logits}
+                                         for p in preds[:-1]])
+    names = {"loss_ce": "loss_cross_entropy", "loss_mask": "loss_mask", "loss_dice": "loss_dice"}
+    compared = 0
+    for ours_name, hf_name in names.items():
+        torch.testing.assert_close(got[ours_name], want[hf_name])
+        for i in range(2):
+            torch.testing.assert_close(got[f"aux{i}_{ours_name}"], want[f"{hf_name}_{i}"])
+            compared += 1
+    assert compared == 6
+    total = sum(2 * want[f"loss_cross_entropy{s}"] + 5 * want[f"loss_mask{s}"] + 5 * want[f"loss_dice{s}"]
+                for s in ("", "_0", "_1"))
+    torch.testing.assert_close(got["loss"], total)
+
+
+def test_matching_finds_the_planted_assignment():
+    """Queries that predict exactly the target masks (in shuffled order) are matched to them."""
+    preds, labels = random_case(seed=1, b=1)
+    targets = semantic_targets(labels, 5)
+    n = len(targets[0].classes)
+    perm = torch.randperm(7)[:n]
+    logits = torch.full((1, 7, 6), -5.0)
+    masks = torch.full((1, 7, 4, 5), -10.0)
+    small = torch.nn.functional.interpolate(targets[0].masks[None], size=(4, 5), mode="nearest")[0]
+    for t, qi in enumerate(perm):
+        logits[0, qi, targets[0].classes[t]] = 5.0
+        masks[0, qi] = small[t] * 20 - 10
+    crit = SegmentationCriterion(5, CriterionConfig(num_points=500))
+    (rows, cols), = crit.match(Prediction(logits, masks), targets)
+    assert dict(zip(cols.tolist(), rows.tolist())) == {t: int(q) for t, q in enumerate(perm)}
+
+
+def test_score_loss_is_the_mse_against_edge_fractions():
+    labels = torch.zeros(1, 64, 64, dtype=torch.long)
+    labels[:, 20:50, 10:33] = 3
+    centres = torch.tensor([[[16.0, 16.0], [48.0, 16.0], [16.0, 48.0], [48.0, 48.0]]])
+    scores = torch.tensor([[0.1, 0.0, 0.3, 0.05]])
+    rec = UpsampleRecord(32, centres, scores, torch.zeros(1, 0, dtype=torch.long))
+    crit = SegmentationCriterion(5)
+    want = ((scores - token_targets(edge_scores(labels)[32], centres, 32)) ** 2).mean()
+    torch.testing.assert_close(crit.score_loss([rec], labels), want)
+    assert want > 0
+
+
+def test_labels_out_of_range_are_a_clear_error():
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, 3, 3] = 200
+    with pytest.raises(ValueError, match="label value 200 is outside \\[0, 150\\)"):
+        semantic_targets(labels, 150)
+    labels[0, 3, 3] = 255  # the ignore value is fine
+    assert semantic_targets(labels, 150)[0].classes.tolist() == [0]

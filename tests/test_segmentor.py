@@ -1,0 +1,108 @@
+"""Segmentation and classification models: sizes, shapes, sparse->dense, and that they learn."""
+import pytest
+import torch
+
+from model import RatioPolicy
+from model.classifier import build_classifier, load_backbone
+from model.criterion import CriterionConfig, SegmentationCriterion
+from model.decoder import Prediction
+from model.decoder.densify import cover_index
+from model.segmentor import build_segmentor, semantic_probabilities
+from synthetic import scenes
+
+PAPER_PARAMS_M = {"dups_tiny": 48.5, "dups_small": 61.7, "dups_base": 111.5}  # Table 2
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
+def test_parameter_count_matches_the_paper(name):
+    model = build_segmentor(name, num_classes=150)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(params - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.05, params
+
+
+def test_cover_index_paints_the_finest_token():
+    # one 32-px token over a 64x32 image's left half... and right half, one 16-px child
+    centres = [torch.tensor([[[16.0, 16.0], [48.0, 16.0]]]), torch.tensor([[[40.0, 8.0]]])]
+    index = cover_index(centres, [32, 16], stride=16, height=32, width=64)
+    # grid 2 x 4 cells of 16 px: token 0 covers cols 0-1, token 1 cols 2-3, child (id 2) cell (0, 2)
+    assert index.tolist() == [[0, 0, 2, 1, 0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="uncovered"):
+        cover_index([centres[1]], [16], stride=16, height=32, width=64)
+
+
+@torch.no_grad()
+def test_shapes_deep_supervision_and_semantic_inference():
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", num_classes=7).eval()
+    out = model(torch.randn(2, 3, 96, 128), RatioPolicy.from_preset("fixed", "ade20k"))
+    assert len(out.predictions) == model.decoder.layers.__len__() + 1
+    assert out.final.logits.shape == (2, 16, 8) and out.final.masks.shape == (2, 16, 24, 32)
+    probs = semantic_probabilities(out.final, (96, 128))
+    manual = torch.einsum("bqk,bqhw->bkhw", out.final.logits.softmax(-1)[..., :-1],
+                          torch.nn.functional.interpolate(out.final.masks, (96, 128), mode="bilinear").sigmoid())
+    torch.testing.assert_close(probs, manual)
+    # any image size: padded to multiples of 32 inside, cropped back
+    pred = model.predict(torch.randn(2, 3, 100, 90), RatioPolicy.from_preset("dynamic", "ade20k"))
+    assert pred.shape == (2, 7, 100, 90)
+
+
+def mean_iou(pred, labels, classes):
+    ious = []
+    for c in range(classes):
+        union = ((pred == c) | (labels == c)).sum()
+        if union:
+            ious.append(((pred == c) & (labels == c)).sum() / union)
+    return torch.stack(ious).mean().item()
+
+
+def test_segmentor_overfits_four_scenes():
+    """The paper's setting: eq. 2 while training, eq. 1 (per image) at inference."""
+    torch.manual_seed(0)
+    images, labels = scenes(4, classes=5)
+    model = build_segmentor("dups_demo", num_classes=5)
+    crit = SegmentationCriterion(5, CriterionConfig(num_points=2048))
+    policy = RatioPolicy.from_preset("dynamic", "ade20k")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    best = 0.0
+    for step in range(1, 151):
+        out = model(images, policy)
+        loss = crit(out.predictions, labels, out.records)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 0:
+            model.eval()
+            best = max(best, mean_iou(model.predict(images, policy).argmax(1), labels, 5))
+            model.train()
+            if best >= 0.9:
+                break
+    assert best >= 0.9, best
+
+
+def test_classifier_overfits_eight_images_and_its_backbone_loads():
+    torch.manual_seed(0)
+    images, labels = scenes(8, classes=5, seed=3)
+    targets = torch.arange(8) % 4
+    images = images + targets[:, None, None, None] * 0.5  # the class is in the image
+    model = build_classifier("dups_demo", num_classes=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(60):
+        model.set_progress(step / 60)
+        loss = torch.nn.functional.cross_entropy(model(images), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.upsampling_ratio == pytest.approx(0.5 + 0.5 / 60)
+    model.eval()
+    with torch.no_grad():
+        acc = (model(images).argmax(1) == targets).float().mean().item()
+    assert acc == 1.0
+    seg = build_segmentor("dups_demo", num_classes=5)
+    report = load_backbone(seg, model.state_dict())
+    assert report.missing == [] and report.unexpected == []
+    for name, tensor in seg.encoder.state_dict().items():
+        assert torch.equal(tensor, model.encoder.state_dict()[name])
+    other = build_classifier("dups_demo", num_classes=4, dims=(128, 64, 32, 64))
+    report = load_backbone(seg, other.state_dict())
+    assert report.unexpected and "encoder.out_norms.3.weight" in report.unexpected
+    assert "out_norms.3.weight" in report.missing
