@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .config import decoder_config, encoder_config
 from .decoder import MaskedTransformerDecoder, PointPixelDecoder, Prediction
+from .edges import SCORE_SCALES, edge_scores
 from .encoder import DUPSEncoder
 from .ratios import RatioPolicy
 from .upsampling import UpsampleRecord
@@ -30,6 +31,15 @@ def semantic_probabilities(pred: Prediction, size: tuple[int, int]) -> Tensor:
     masks = F.interpolate(pred.masks, size=size, mode="bilinear", align_corners=False)
     classes = pred.logits.softmax(-1)[..., :-1]
     return torch.einsum("bqk,bqhw->bkhw", classes, masks.sigmoid())
+
+
+def oracle_maps(labels: Tensor, rate: float, generator: torch.Generator | None = None,
+                ignore_index: int = 255) -> dict[int, Tensor] | None:
+    """Table 7's oracle: with probability ``rate`` a batch's tokens are chosen by the
+    ground-truth edge fractions (returned for ``forward(oracle_maps=...)``), else None."""
+    if rate <= 0 or float(torch.rand((), generator=generator)) >= rate:
+        return None
+    return edge_scores(labels, SCORE_SCALES, ignore_index)
 
 
 class DUPSSegmentor(nn.Module):

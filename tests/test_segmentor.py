@@ -7,7 +7,8 @@ from model.classifier import build_classifier, load_backbone
 from model.criterion import CriterionConfig, SegmentationCriterion
 from model.decoder import Prediction
 from model.decoder.densify import cover_index
-from model.segmentor import build_segmentor, semantic_probabilities
+from model.edges import edge_scores, token_targets
+from model.segmentor import build_segmentor, oracle_maps, semantic_probabilities
 from synthetic import scenes
 
 PAPER_PARAMS_M = {"dups_tiny": 48.5, "dups_small": 61.7, "dups_base": 111.5}  # Table 2
@@ -106,3 +107,24 @@ def test_classifier_overfits_eight_images_and_its_backbone_loads():
     report = load_backbone(seg, other.state_dict())
     assert report.unexpected and "encoder.out_norms.3.weight" in report.unexpected
     assert "out_norms.3.weight" in report.missing
+
+
+@torch.no_grad()
+def test_oracle_scores_choose_the_tokens():
+    torch.manual_seed(0)
+    images, labels = scenes(2, size=128)
+    model = build_segmentor("dups_demo", num_classes=5).train()
+    g = torch.Generator().manual_seed(0)
+    assert oracle_maps(labels, 0.0, g) is None
+    used = sum(oracle_maps(labels, 0.3, g) is not None for _ in range(2000))
+    assert 500 < used < 700  # about 30% of batches
+    maps = oracle_maps(labels, 1.0, g)
+    torch.testing.assert_close(maps[16], edge_scores(labels)[16])
+    out = model(images, RatioPolicy.from_preset("batch", "ade20k"), oracle_maps=maps)
+    for rec in out.records:
+        truth = token_targets(maps[rec.patch], rec.centres, rec.patch)
+        k = rec.selected.shape[1]
+        chosen = truth.gather(1, rec.selected)
+        # the chosen tokens are the k with the largest ground-truth scores
+        assert torch.equal(chosen.sort(1).values, truth.topk(k, 1).values.sort(1).values)
+        assert rec.scores is not None  # the predictions are still made (and get their loss)
