@@ -26,6 +26,32 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prep(args: argparse.Namespace) -> int:
+    import logging
+
+    from data_prep.job import prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    manifest = prepare(args.dataset, args.src, args.out, splits=tuple(args.splits),
+                       shard_bytes=int(args.shard_size * 1e6), address=args.address,
+                       num_cpus=args.num_cpus)
+    counts = ", ".join(f"{k}: {v['samples']} samples in {len(v['shards'])} shards"
+                       for k, v in manifest["splits"].items())
+    print(f"prepared {args.dataset} -> {args.out} ({counts}); "
+          f"{len(manifest['rejected'])} inputs rejected (listed in manifest.json)")
+    for bad in manifest["rejected"][:20]:
+        print(f"  rejected {bad['file']}: {bad['reason']}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from data_prep.synth import write_ade20k_layout
+
+    out = write_ade20k_layout(args.out, args.train, args.val, (args.height, args.width), args.seed)
+    print(f"wrote {args.train} train + {args.val} val synthetic scenes in the ADE20K layout under {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dups", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=150, help="classes of the segmentation head")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_summary)
+
+    p = sub.add_parser("prep", help="shard a dataset into WebDataset tars with a Ray job")
+    p.add_argument("dataset", choices=["imagenet", "ade20k", "cocostuff", "cityscapes"])
+    p.add_argument("--src", required=True, help="the dataset in its published layout")
+    p.add_argument("--out", required=True, help="a directory or s3://bucket/prefix")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    p.add_argument("--shard-size", type=float, default=1000.0, help="MB of source files per shard")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+    p.set_defaults(func=_prep)
+
+    p = sub.add_parser("synth", help="write synthetic scenes in the ADE20K layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=32)
+    p.add_argument("--val", type=int, default=8)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=320)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
     return parser
 
 
@@ -45,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, ConnectionError) as err:  # bad input: one clear line
         print(f"dups {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,220 @@
+"""The preparation job: a dataset in its published layout -> WebDataset shards + manifest.
+
+Ray tasks, one per shard (not Ray Data): a shard is the unit of determinism, idempotence
+and failure. The plan (which sample goes to which shard, in which order) is made up front from
+the sorted listing and the source file sizes, so the shards' names, order and bytes do not
+depend on how many workers run them. Each task checks and encodes its samples, writes the tar
+with fixed metadata (mtime 0) under a temporary name, publishes it whole, and writes a
+``.json`` sidecar with its sha256, counts, statistics and rejected inputs. A re-run skips every
+shard whose sidecar exists and whose bytes still hash to it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .readers import DATASETS, Listing, Rejected, SampleRef, list_split
+from .samples import BadInput, encode_classification, encode_segmentation
+from .storage import open_storage, sha256_file
+
+log = logging.getLogger("dups.prep")
+DEFAULT_SHARD_BYTES = 1 << 30  # about 1 GB of source files per shard
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    split: str
+    samples: tuple[SampleRef, ...]
+
+
+def plan_shards(prefix: str, split: str, samples: list[SampleRef], shard_bytes: int) -> list[ShardPlan]:
+    """Consecutive samples until their source files reach ``shard_bytes``."""
+    plans, current, size = [], [], 0
+    for ref in samples:
+        nbytes = os.path.getsize(ref.image) + (os.path.getsize(ref.label) if ref.label else 0)
+        if current and size + nbytes > shard_bytes:
+            plans.append(current)
+            current, size = [], 0
+        current.append(ref)
+        size += nbytes
+    if current:
+        plans.append(current)
+    return [ShardPlan(f"{prefix}-{split}-{i:06d}.tar", split, tuple(p)) for i, p in enumerate(plans)]
+
+
+def _quarantine(storage, split: str, ref_key: str, path: str) -> str:
+    """Copies a rejected input next to the shards; returns where it went (or why not)."""
+    name = f"quarantine/{split}/{ref_key}{Path(path).suffix}"
+    try:
+        storage.put_file(name, path)
+        return name
+    except OSError as err:
+        return f"not copied: {err}"
+
+
+def write_shard(dataset: str, plan: ShardPlan, out_url: str) -> dict:
+    """Runs in a Ray task: writes one shard (or verifies the existing one); returns its sidecar."""
+    import webdataset as wds
+
+    from .labels import remap_table, valid_raw_values
+
+    storage = open_storage(out_url)
+    sidecar_name = plan.name + ".json"
+    if storage.exists(plan.name) and storage.exists(sidecar_name):
+        sidecar = json.loads(storage.get_bytes(sidecar_name))
+        if storage.sha256(plan.name) == sidecar.get("sha256"):
+            return {**sidecar, "skipped": True}
+    segmentation = dataset != "imagenet"
+    if segmentation:
+        table, valid = remap_table(dataset)[0], valid_raw_values(dataset)
+    rejected, fractions = [], {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / plan.name
+        with open(local, "wb") as f:
+            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+            count = 0
+            for ref in plan.samples:
+                try:
+                    members, frac = (encode_segmentation(ref, table, valid) if segmentation
+                                     else encode_classification(ref))
+                except BadInput as err:
+                    bad_file = err.file or ref.image
+                    rejected.append({**Rejected(ref.key, bad_file, str(err)).as_dict(),
+                                     "quarantined": _quarantine(storage, plan.split, ref.key, bad_file)})
+                    continue
+                writer.write(members)
+                fractions[ref.key] = frac
+                count += 1
+            writer.close()
+        digest = sha256_file(local)
+        nbytes = local.stat().st_size
+        storage.put_file(plan.name, local)
+    sidecar = {"name": plan.name, "split": plan.split, "samples": count, "sha256": digest,
+               "bytes": nbytes, "rejected": rejected,
+               "fractions": {k: {str(s): v for s, v in f.items()} for k, f in fractions.items()},
+               "seconds": round(time.perf_counter() - start, 3)}
+    storage.put_bytes(sidecar_name, json.dumps(sidecar, sort_keys=True).encode())
+    return {**sidecar, "skipped": False}
+
+
+def beta_statistics(sidecars: list[dict]) -> dict:
+    """beta_s = 99th percentile over images of the per-image fractions + 0.05 (App. A),
+    capped at 1. Also the percentiles themselves, for inspection."""
+    out = {}
+    for s in ("32", "16", "8"):
+        values = [f[s] for sc in sidecars for f in sc["fractions"].values() if f.get(s) is not None]
+        if not values:
+            out[s] = None
+            continue
+        p99 = float(np.percentile(values, 99))
+        out[s] = {"images": len(values), "p50": float(np.percentile(values, 50)), "p99": p99,
+                  "beta": min(1.0, round(p99 + 0.05, 4))}
+    return out
+
+
+def _shard_task(dataset: str, plan: ShardPlan, out_url: str) -> dict:
+    import ray
+
+    return {**write_shard(dataset, plan, out_url), "node": ray.get_runtime_context().get_node_id()}
+
+
+def _run_tasks(dataset: str, plans: list[ShardPlan], out_url: str, progress: bool) -> list[dict]:
+    import ray
+    from tqdm import tqdm
+
+    task = ray.remote(num_cpus=1, max_retries=3)(_shard_task)
+    # S3 endpoint and credentials travel to the workers in their environment, not in logs.
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    if aws:
+        task = task.options(runtime_env={"env_vars": aws})
+    pending = {task.remote(dataset, p, out_url): p for p in plans}
+    results = {}
+    images = 0
+    start = time.perf_counter()
+    with tqdm(total=len(plans), unit="shard", desc=f"prep {dataset}", disable=not progress) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                plan = pending.pop(ref)
+                results[plan.name] = ray.get(ref)
+                images += len(plan.samples)
+                bar.update(1)
+                bar.set_postfix(images_per_s=f"{images / (time.perf_counter() - start):.1f}")
+    return [results[p.name] for p in plans]
+
+
+def prepare(dataset: str, src: str, out: str, splits=("train", "val"),
+            shard_bytes: int = DEFAULT_SHARD_BYTES, address: str | None = None,
+            num_cpus: int | None = None, progress: bool = True) -> dict:
+    """Runs the whole job and returns the manifest (also written to ``out/manifest.json``)."""
+    import ray
+
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    if not Path(src).is_dir():
+        raise FileNotFoundError(f"source directory does not exist: {src}")
+    storage = open_storage(out)
+    storage.check()
+    listings: dict[str, Listing] = {split: list_split(dataset, src, split) for split in splits}
+    plans = [p for split, lst in listings.items()
+             for p in plan_shards(dataset, split, lst.samples, shard_bytes)]
+    started_ray = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address=address, num_cpus=None if address else num_cpus,
+                 include_dashboard=False, log_to_driver=False)
+        started_ray = True
+    start = time.perf_counter()
+    try:
+        sidecars = _run_tasks(dataset, plans, storage.url, progress)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    seconds = time.perf_counter() - start
+    manifest = _manifest(dataset, listings, sidecars)
+    manifest["run"] = {"seconds": round(seconds, 2), "nodes": len({s["node"] for s in sidecars}),
+                       "shards_written": sum(not s["skipped"] for s in sidecars),
+                       "shards_skipped": sum(s["skipped"] for s in sidecars)}
+    storage.put_bytes(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    total = sum(s["samples"] for s in sidecars)
+    rejected = len(manifest["rejected"])
+    skipped = sum(s["skipped"] for s in sidecars)
+    log.info("prep %s: %d samples in %d shards (%d already complete), %d rejected, %.1f images/s",
+             dataset, total, len(sidecars), skipped, rejected, (total + rejected) / max(seconds, 1e-9))
+    return manifest
+
+
+def _manifest(dataset: str, listings: dict[str, Listing], sidecars: list[dict]) -> dict:
+    if dataset == "imagenet":
+        classes = list(next(iter(listings.values())).classes)
+    else:
+        from .labels import remap_table
+        classes = list(remap_table(dataset)[1])
+    splits = {}
+    rejected = [dict(r.as_dict(), split=split) for split, lst in listings.items() for r in lst.rejected]
+    for split in listings:
+        own = [s for s in sidecars if s["split"] == split]
+        splits[split] = {
+            "samples": sum(s["samples"] for s in own),
+            "shards": [{"name": s["name"], "samples": s["samples"], "sha256": s["sha256"],
+                        "bytes": s["bytes"]} for s in own],
+        }
+        rejected += [dict(r, split=split) for s in own for r in s["rejected"]]
+    train = [s for s in sidecars if s["split"] == "train"] or sidecars
+    manifest = {"format_version": FORMAT_VERSION, "dataset": dataset, "classes": classes,
+                "num_classes": len(classes), "ignore_index": 255, "splits": splits,
+                "rejected": rejected}
+    if dataset != "imagenet":
+        manifest["statistics"] = {"upsampling_fraction": beta_statistics(train)}
+    return manifest
