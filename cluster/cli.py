@@ -52,6 +52,55 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from pipeline.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    _check_inputs(cfg)
+    if cfg.launch.launcher == "local":
+        from cluster.launch import run_dir, train_local
+
+        result = train_local(cfg, resume=args.resume is not None)
+        print(f"trained {cfg.name}: {result.steps} steps, MLflow run {result.run_id}, "
+              f"last checkpoint {result.last_checkpoint or run_dir(cfg) / 'checkpoints'}")
+    else:
+        from cluster.launch import run_dir, train_ray
+
+        resume = args.resume or (str(run_dir(cfg).resolve().parent / "ray" / cfg.name) if args.resume == "" else None)
+        result = train_ray(cfg, resume=resume)
+        print(f"trained {cfg.name} on Ray: checkpoint {result.checkpoint}")
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    return 0
+
+
+def _check_inputs(cfg) -> None:
+    """Missing data is one clear error before anything starts."""
+    from pipeline.data import load_manifest
+
+    if not cfg.data.train:
+        raise ValueError("data.train is not set: point it at the output of `dups prep`")
+    load_manifest(cfg.data.train)
+    if cfg.data.val:
+        load_manifest(cfg.data.val)
+    if cfg.train.pretrained and not cfg.train.pretrained.startswith("s3://"):
+        from pathlib import Path
+        if not Path(cfg.train.pretrained).is_file():
+            raise FileNotFoundError(f"train.pretrained: no such file {cfg.train.pretrained}")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.evaluate_cli import run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    _check_inputs(cfg)
+    print(run_eval(cfg, args.checkpoint))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dups", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=320)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
+
+    p = sub.add_parser("train", help="train (pretrain or finetune) from a config")
+    p.add_argument("config", help="a YAML file or a name under configs/ (e.g. demo)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iters=100")
+    p.add_argument("--resume", nargs="?", const="", default=None,
+                   help="continue the run from its last checkpoint (or from the given directory)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (DeepSpeed or Ray)")
+    p.set_defaults(func=_eval)
     return parser
 
 

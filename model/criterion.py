@@ -136,17 +136,22 @@ class SegmentationCriterion(nn.Module):
         dice = 1 - (2 * (p * labels).sum(-1) + 1) / (p.sum(-1) + labels.sum(-1) + 1)
         return {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": dice.sum() / num_masks}
 
-    def score_loss(self, records: list[UpsampleRecord], labels: Tensor) -> Tensor:
-        """MSE of every upsampling block's predicted edge fractions, summed over blocks."""
+    def score_loss(self, records: list[UpsampleRecord], labels: Tensor,
+                   maps: dict[int, Tensor] | None = None) -> Tensor:
+        """MSE of every upsampling block's predicted edge fractions, summed over blocks.
+        ``maps``: the edge fractions {patch: (B, H/p, W/p)} if the loader has them already;
+        otherwise they are computed from ``labels``."""
         scored = [r for r in records if r.scores is not None and r.scores.shape[1] > 0]
         if not scored:
             return labels.new_zeros((), dtype=torch.float32)
-        maps = edge_scores(labels, {r.patch for r in scored}, self.cfg.ignore_index)
+        if maps is None:
+            maps = edge_scores(labels, {r.patch for r in scored}, self.cfg.ignore_index)
         return sum(F.mse_loss(r.scores.float(), token_targets(maps[r.patch], r.centres, r.patch))
                    for r in scored)
 
     def forward(self, predictions: list[Prediction], labels: Tensor,
-                records: list[UpsampleRecord] | None = None) -> dict[str, Tensor]:
+                records: list[UpsampleRecord] | None = None,
+                score_maps: dict[int, Tensor] | None = None) -> dict[str, Tensor]:
         """``predictions``: deep supervision order, the final one last. Returns each term
         (final prediction unprefixed, earlier ones as ``aux{i}_``) and the weighted ``loss``."""
         c = self.cfg
@@ -168,7 +173,7 @@ class SegmentationCriterion(nn.Module):
                 + c.dice_weight * losses["loss_dice"]
             terms.update({prefix + k: v for k, v in losses.items()})
         if records is not None:
-            terms["loss_score"] = self.score_loss(records, labels)
+            terms["loss_score"] = self.score_loss(records, labels, score_maps)
             total = total + c.score_weight * terms["loss_score"]
         terms["loss"] = total
         return terms

@@ -1,0 +1,128 @@
+"""Launching the training loop: one local process, or Ray Train's TorchTrainer.
+
+Ray Train V2: one worker per GPU (or CPU slot), gloo on CPU and NCCL on GPU; every rank saves
+its DeepSpeed shard into its own fresh directory and reports it, and Ray merges the ranks'
+files into one checkpoint in the run's storage (local path or S3). ``FailureConfig`` restarts
+the workers, which find that checkpoint with ``ray.train.get_checkpoint()``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from pipeline.config import Config
+
+log = logging.getLogger("dups.launch")
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.train.output) / cfg.name
+
+
+def latest_checkpoint(directory: str | Path) -> str | None:
+    """The directory itself if it holds a DeepSpeed 'latest' file, or the newest Ray checkpoint
+    inside a Ray run directory."""
+    d = Path(directory)
+    if (d / "latest").is_file():
+        return str(d)
+    ray_ckpts = sorted(d.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    ray_ckpts = [p for p in ray_ckpts if (p / "latest").is_file()]
+    return str(ray_ckpts[-1]) if ray_ckpts else None
+
+
+def train_local(cfg: Config, resume: bool = False, stop_after: int | None = None):
+    """One process, no Ray: how the loop runs on a single GPU machine (and in tests)."""
+    import torch.distributed as dist
+
+    from pipeline.engine import init_single_process
+    from pipeline.train import RunHooks, train
+
+    init_single_process()
+    ckpt_root = run_dir(cfg) / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_root) if resume else None
+    if resume and resume_from is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}")
+    try:
+        return train(cfg, RunHooks(checkpoint_dir=lambda step: str(ckpt_root), resume_from=resume_from,
+                                   stop_after=stop_after))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _ray_loop(config: dict) -> None:
+    """Runs inside every Ray Train worker."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from pipeline.config import load_config
+    from pipeline.train import RunHooks, train
+
+    cfg = load_config(None, config["overrides_flat"])
+    resume_from = config.get("resume_from")
+    checkpoint = ray.train.get_checkpoint()  # set when Ray restarts us after a failure
+    ctx = None
+    if checkpoint is not None:
+        ctx = checkpoint.as_directory()
+        resume_from = ctx.__enter__()
+
+    def checkpoint_dir(step: int) -> str:
+        return tempfile.mkdtemp(prefix=f"dups-ckpt-{step}-")
+
+    def on_checkpoint(step: int, directory: str, metrics: dict) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+    try:
+        train(cfg, RunHooks(checkpoint_dir, on_checkpoint, resume_from, config.get("stop_after")))
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+
+def flat_overrides(cfg: Config) -> list[str]:
+    """The whole resolved config as key=value strings (how it travels to Ray workers)."""
+    import json
+
+    def walk(tree, prefix=""):
+        for k, v in tree.items():
+            if isinstance(v, dict) and v and k not in ("encoder", "decoder"):
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
+    return list(walk(cfg.to_dict()))
+
+
+def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = None,
+              storage: str | None = None):
+    """Ray Train TorchTrainer with ``cfg.launch.workers`` workers. ``resume``: a checkpoint
+    directory (DeepSpeed or Ray) of an earlier run to continue."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(address=cfg.launch.address or None, include_dashboard=False, log_to_driver=True)
+    use_gpu = cfg.launch.use_gpu and bool(ray.cluster_resources().get("GPU"))
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("AWS_", "MLFLOW_")) or k in ("OMP_NUM_THREADS",)}
+    env.setdefault("OMP_NUM_THREADS", str(cfg.launch.cpus_per_worker))
+    resume_from = latest_checkpoint(resume) if resume else None
+    if resume and resume_from is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {resume}")
+    trainer = TorchTrainer(
+        _ray_loop,
+        train_loop_config={"overrides_flat": flat_overrides(cfg), "resume_from": resume_from,
+                           "stop_after": stop_after},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.launch.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.launch.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=storage or str(run_dir(cfg).resolve().parent / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env}),
+    )
+    return trainer.fit()

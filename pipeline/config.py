@@ -1,0 +1,223 @@
+"""Typed experiment configs: YAML files under ``configs/`` plus ``key=value`` overrides.
+
+Defaults are the paper's fine-tuning recipe (Sec. 4.2, App. A). Every problem (unknown key,
+wrong type, missing file) is one ``ConfigError`` that names the key or path, raised before
+anything starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    name: str = "dups_tiny"
+    num_classes: int = 150
+    encoder: dict = field(default_factory=dict)  # EncoderConfig overrides
+    decoder: dict = field(default_factory=dict)  # DecoderConfig overrides
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # directory or s3:// prefix holding manifest.json and the shards
+    val: str = ""  # defaults to ``train`` (the manifest's val split)
+    crop: int = 512  # 512 ADE20K / COCO-Stuff, 1024 Cityscapes
+    image_size: int = 224  # classification crop
+    batch_size: int = 8  # per worker (GPU)
+    workers: int = 2  # DataLoader processes per rank
+    shuffle_buffer: int = 256
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    photometric: bool = True
+    eval_short_side: int = 512  # 0 = full size (Cityscapes)
+    max_eval_images: int = 0  # 0 = all
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-5  # backbone
+    head_lr_mult: float = 10.0  # decoder and upsampling blocks
+    weight_decay: float = 0.05  # none on norms, biases, embeddings
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "poly"  # WarmupPolyLR; "cosine" for pre-training
+    warmup_iters: int = 2500
+    warmup_factor: float = 0.001
+    poly_power: float = 0.9
+    clip_grad: float = 0.01  # Mask2Former: full-model L2 norm clipping at 0.01
+
+
+@dataclass
+class UpsamplingConfig:
+    policy: str = "dynamic"  # eq. 2 in training, eq. 1 at evaluation
+    preset: str = "ade20k"  # Table 8 tau_s / beta_s
+    score_weight: float = 1.0
+    oracle_rate: float = 0.0  # Table 7
+    random_start: float = 1.0  # pre-training schedule (App. A)
+    random_end: float = 0.5
+    random_shape: str = "linear"
+
+
+@dataclass
+class TrainConfig:
+    task: str = "finetune"  # or "pretrain"
+    iters: int = 80000
+    log_every: int = 20
+    eval_every: int = 5000
+    checkpoint_every: int = 5000
+    seed: int = 0
+    pretrained: str = ""  # pre-training checkpoint whose encoder.* tensors are loaded
+    output: str = "runs"  # local directory or s3:// prefix for checkpoints
+    pictures: int = 2  # token-selection pictures per evaluation
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 2
+    precision: str = "bf16"  # bf16 or fp32
+    grad_accum: int = 1
+
+
+@dataclass
+class LaunchConfig:
+    launcher: str = "ray"  # "ray" (Ray Train TorchTrainer) or "local" (one process)
+    workers: int = 4  # training processes (one per GPU)
+    use_gpu: bool = True
+    cpus_per_worker: int = 1
+    address: str = ""  # Ray address; "" = local Ray
+    max_failures: int = 3  # restarts from the last checkpoint
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlruns.db"
+    experiment: str = "dups"
+    run_name: str = ""
+
+
+@dataclass
+class EvalConfig:
+    multi_scale: bool = False
+    flip: bool = False
+    scales: tuple[int, ...] = (256, 384, 512, 640, 768, 896)  # short sides (App. A)
+    sliding_window: bool = False  # Cityscapes: overlapping crop-size windows
+    window_stride: int = 0  # 0 = as many windows as needed, evenly spread
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    upsampling: UpsamplingConfig = field(default_factory=UpsamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def global_batch(self) -> int:
+        return self.data.batch_size * self.launch.workers * self.engine.grad_accum
+
+
+CHOICES = {
+    "train.task": ("finetune", "pretrain"),
+    "engine.precision": ("bf16", "fp32"),
+    "engine.zero_stage": (0, 1, 2, 3),
+    "launch.launcher": ("ray", "local"),
+    "optim.schedule": ("poly", "cosine"),
+    "upsampling.policy": ("full", "fixed", "per_image", "batch", "dynamic", "random"),
+}
+
+
+def _coerce(value, tp, key: str, where: str):
+    origin = typing.get_origin(tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0]
+        if len(args) != 2 or args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: {key} must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(v, a, key, where) for v, a in zip(value, args))
+        return tuple(_coerce(v, item, key, where) for v in value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return value
+    if isinstance(tp, type) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}' (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], f"{prefix}{f.name}.", where)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, prefix + f.name, where)
+            allowed = CHOICES.get(prefix + f.name)
+            if allowed and kwargs[f.name] not in allowed:
+                raise ConfigError(f"{where}: {prefix}{f.name} must be one of {allowed}, got {kwargs[f.name]!r}")
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The YAML file (relative paths also tried under ``configs/``) with overrides applied."""
+    data: dict = {}
+    where = "defaults"
+    if path:
+        p = Path(path)
+        if not p.is_file() and not p.suffix:
+            p = Path(__file__).resolve().parents[1] / "configs" / f"{path}.yaml"
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        where = str(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{where}: not valid YAML ({err})") from err
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        _set(data, key.strip(), yaml.safe_load(raw))
+    if "name" not in data and path:
+        data["name"] = Path(path).stem
+    return _build(Config, data, "", where)

@@ -1,0 +1,66 @@
+"""The DeepSpeed engine from our config, and the process group it runs in.
+
+DeepSpeed picks its CPU accelerator and gloo by itself on a machine without CUDA; on GPUs the
+launcher brings an NCCL group. ZeRO stage, bf16 / fp32, gradient accumulation and clipping come
+from the config; the optimiser is our own AdamW (parameter groups, schedule set per step).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from .config import Config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process() -> None:
+    """A one-rank process group for ``--launcher local`` (gloo on CPU, NCCL on GPU)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.engine.grad_accum,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "bf16": {"enabled": cfg.engine.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg), dist_init_required=False)
+    return engine
+
+
+def input_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32

@@ -1,0 +1,198 @@
+"""Semantic-segmentation evaluation: mIoU (single scale, multi-scale + flip, sliding window),
+per-class IoU, FLOPs mean +- std per image, tokens per stage, score MSE, pictures.
+
+Each rank evaluates its share of the validation samples; the confusion matrix and the
+per-image lists are summed/gathered across ranks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from model.edges import token_targets
+from model.ratios import RatioPolicy
+from model.segmentor import DUPSSegmentor, semantic_probabilities
+
+from .config import EvalConfig
+
+
+def confusion(pred: torch.Tensor, label: torch.Tensor, classes: int, ignore: int = 255) -> torch.Tensor:
+    keep = label != ignore
+    idx = label[keep].long() * classes + pred[keep].long()
+    return torch.bincount(idx, minlength=classes * classes).reshape(classes, classes)
+
+
+def iou_from_confusion(conf: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-class IoU (nan where a class is in neither prediction nor label) and their mean."""
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    valid = ~iou.isnan()
+    return iou, float(iou[valid].mean()) if valid.any() else float("nan")
+
+
+@dataclass
+class EvalResult:
+    miou: float
+    per_class_iou: list[float]
+    images: int
+    gflops_mean: float
+    gflops_std: float
+    tokens_per_stage: list[float]
+    score_mse: float
+    pictures: list = field(default_factory=list)  # PIL images (rank 0's first ones)
+
+    def metrics(self, prefix: str = "val/") -> dict[str, float]:
+        out = {f"{prefix}mIoU": self.miou, f"{prefix}gflops_mean": self.gflops_mean,
+               f"{prefix}gflops_std": self.gflops_std, f"{prefix}score_mse": self.score_mse}
+        out.update({f"{prefix}tokens_stage{i + 1}": t for i, t in enumerate(self.tokens_per_stage)})
+        return out
+
+    def table(self, class_names: list[str]) -> str:
+        lines = [f"{'class':<24}{'IoU':>8}"]
+        for name, iou in zip(class_names, self.per_class_iou):
+            lines.append(f"{name[:23]:<24}{'-' if math.isnan(iou) else f'{100 * iou:.1f}':>8}")
+        lines.append(f"{'mIoU':<24}{100 * self.miou:>8.2f}")
+        lines.append(f"GFLOPs per image (multiply-adds): {self.gflops_mean:.2f} +- {self.gflops_std:.2f} "
+                     f"over {self.images} images; tokens per stage "
+                     + " / ".join(f"{t:.0f}" for t in self.tokens_per_stage))
+        return "\n".join(lines)
+
+
+def _probs(model: DUPSSegmentor, image: torch.Tensor, policy: RatioPolicy, size) -> tuple[torch.Tensor, object]:
+    """Class probabilities of one padded image (1, 3, H, W) at ``size``, and the model output."""
+    out = model(image, policy)
+    h, w = image.shape[-2:]
+    return semantic_probabilities(out.final, (h, w))[..., : size[0], : size[1]], out
+
+
+def sliding_window(model, image, policy, size, window: int, stride: int = 0):
+    """Overlapping window x window crops (as few as cover the image, evenly spread, unless
+    ``stride``), probabilities averaged where they overlap."""
+    h, w = size
+    def starts(length):
+        if length <= window:
+            return [0]
+        n = math.ceil((length - window) / stride) + 1 if stride else math.ceil(length / window)
+        return [round(i * (length - window) / (n - 1)) for i in range(n)] if n > 1 else [0]
+    total, count, out = None, torch.zeros(h, w, device=image.device), None
+    for top in starts(h):
+        for left in starts(w):
+            crop = image[..., top:top + window, left:left + window]
+            ch, cw = min(window, h - top), min(window, w - left)
+            crop = F.pad(crop, (0, -crop.shape[-1] % 32, 0, -crop.shape[-2] % 32))
+            p, out = _probs(model, crop, policy, (ch, cw))
+            if total is None:
+                total = torch.zeros(1, p.shape[1], h, w, device=image.device)
+            total[..., top:top + ch, left:left + cw] += p
+            count[top:top + ch, left:left + cw] += 1
+    return total / count, out
+
+
+def multi_scale(model, image, policy, size, scales, flip: bool):
+    """Average of the probabilities at every short side in ``scales`` (and flipped)."""
+    h, w = size
+    base = image[..., :h, :w]
+    total, out = 0, None
+    for short in scales:
+        s = short / min(h, w)
+        nh, nw = max(32, round(h * s)), max(32, round(w * s))
+        resized = F.interpolate(base, size=(nh, nw), mode="bilinear", align_corners=False)
+        padded = F.pad(resized, (0, -nw % 32, 0, -nh % 32))
+        for flipped in ([False, True] if flip else [False]):
+            x = padded.flip(-1) if flipped else padded
+            p, o = _probs(model, x, policy, (nh, nw))
+            out = out or o
+            p = p.flip(-1) if flipped else p
+            total = total + F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+    return total, out
+
+
+@torch.no_grad()
+def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, cfg: EvalConfig,
+             crop: int, device: torch.device, dtype=torch.float32, pictures: int = 0) -> EvalResult:
+    """``samples``: an iterable of ``augment.eval_segmentation`` dicts (this rank's share)."""
+    from .pictures import token_figure
+
+    model.eval()
+    conf = torch.zeros(classes, classes, dtype=torch.long)
+    flops, tokens, mse, figs = [], [], [], []
+    for sample in samples:
+        image = sample["image"][None].to(device, dtype)
+        label = sample["label"]
+        h, w = sample["size"]
+        with FlopCounterMode(display=False) as counter:
+            if cfg.sliding_window:
+                probs, out = sliding_window(model, image, policy, (h, w), crop, cfg.window_stride)
+            elif cfg.multi_scale or cfg.flip:
+                probs, out = multi_scale(model, image, policy, (h, w),
+                                         cfg.scales if cfg.multi_scale else (min(h, w),), cfg.flip)
+            else:
+                probs, out = _probs(model, image, policy, (h, w))
+        flops.append(counter.get_total_flops() / 2 / 1e9)
+        tokens.append(out.tokens_per_stage)
+        full = F.interpolate(probs.float(), size=label.shape, mode="bilinear", align_corners=False)
+        pred = full.argmax(1)[0].cpu()
+        conf += confusion(pred, label, classes)
+        if not (cfg.sliding_window or cfg.multi_scale or cfg.flip):
+            for rec in out.records:
+                if rec.scores is not None and rec.scores.shape[1]:
+                    target = token_targets(sample["scores"][rec.patch][None].to(device), rec.centres, rec.patch)
+                    mse.append(float(((rec.scores.float() - target) ** 2).mean()))
+        if len(figs) < pictures:
+            seen = F.interpolate(full, size=(h, w), mode="bilinear").argmax(1)[0].cpu().numpy()
+            lab = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long().numpy()
+            figs.append(token_figure(image[0], lab, seen, out.records, classes))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(conf)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (flops, tokens, mse))
+        flops = [f for g in gathered for f in g[0]]
+        tokens = [t for g in gathered for t in g[1]]
+        mse = [m for g in gathered for m in g[2]]
+    iou, miou = iou_from_confusion(conf)
+    model.train()
+    return EvalResult(
+        miou=miou, per_class_iou=iou.tolist(), images=len(flops),
+        gflops_mean=float(np.mean(flops)) if flops else float("nan"),
+        gflops_std=float(np.std(flops)) if flops else float("nan"),
+        tokens_per_stage=np.mean(tokens, axis=0).tolist() if tokens else [],
+        score_mse=float(np.mean(mse)) if mse else float("nan"), pictures=figs)
+
+
+@torch.no_grad()
+def evaluate_classification(model, samples, device, dtype=torch.float32, batch: int = 32) -> dict:
+    """Top-1 / top-5 accuracy (in percent) over this rank's samples, summed across ranks."""
+    from model.ratios import RatioPolicy
+
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64)  # top1, top5, n
+    policy = RatioPolicy("random", random_ratio=model.schedule[1])  # the end-of-schedule ratio
+    buf = []
+    def flush():
+        images = torch.stack([s["image"] for s in buf]).to(device, dtype)
+        labels = torch.stack([s["label"] for s in buf]).to(device)
+        top = model(images, policy).float().topk(min(5, model.head[-1].out_features), 1).indices
+        counts[0] += float((top[:, 0] == labels).sum())
+        counts[1] += float((top == labels[:, None]).any(1).sum())
+        counts[2] += len(buf)
+        buf.clear()
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch:
+            flush()
+    if buf:
+        flush()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train()
+    n = max(counts[2].item(), 1)
+    return {"val/top1": 100 * counts[0].item() / n, "val/top5": 100 * counts[1].item() / n,
+            "val/images": counts[2].item()}

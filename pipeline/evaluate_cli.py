@@ -1,0 +1,71 @@
+"""`dups eval`: a checkpoint's weights on the validation split, in one process."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+
+from model.ratios import RatioPolicy
+
+from . import augment
+from .config import Config
+from .data import EvalStream, load_manifest, shards_of
+from .evaluate import evaluate, evaluate_classification
+from .tracking import Tracker
+
+
+def load_weights(model: torch.nn.Module, directory: str) -> str:
+    """Model weights of a DeepSpeed checkpoint (the newest tag under ``directory``, or a Ray
+    checkpoint holding one). ZeRO-3 shards are consolidated with DeepSpeed's own tool."""
+    from cluster.launch import latest_checkpoint
+
+    root = latest_checkpoint(directory)
+    if root is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
+    tag = Path(root, "latest").read_text().strip()
+    states = sorted(glob.glob(os.path.join(root, tag, "*model_states.pt")))
+    state = torch.load(states[0], map_location="cpu", weights_only=False) if states else {}
+    module = state.get("module")
+    if not module:  # ZeRO-3: parameters live in the partitioned optimizer shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        module = get_fp32_state_dict_from_zero_checkpoint(root, tag)
+    model.load_state_dict({k: v.float() for k, v in module.items()})
+    return os.path.join(root, tag)
+
+
+def run_eval(cfg: Config, checkpoint: str) -> str:
+    from .train import _SegmentationEval, build_model
+
+    model = build_model(cfg)
+    where = load_weights(model, checkpoint)
+    val_root = cfg.data.val or cfg.data.train
+    manifest = load_manifest(val_root)
+    shards = shards_of(val_root, manifest, "val")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    tracker = Tracker(True, cfg.tracking.uri, cfg.tracking.experiment, f"eval-{cfg.name}",
+                      params=cfg.to_dict(), tags={"checkpoint": where, "task": "eval"})
+    try:
+        if cfg.train.task == "pretrain":
+            metrics = evaluate_classification(model, EvalStream(
+                shards, lambda s: augment.eval_classification(s, cfg.data.image_size), 0, 1,
+                cfg.data.max_eval_images), device)
+            tracker.metrics(metrics, 0)
+            return "\n".join(f"{k}: {v:.2f}" for k, v in metrics.items())
+        policy = RatioPolicy.from_preset(cfg.upsampling.policy, cfg.upsampling.preset)
+        stream = EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), 0, 1, cfg.data.max_eval_images)
+        res = evaluate(model, stream, cfg.model.num_classes, policy, cfg.eval, cfg.data.crop, device,
+                       pictures=cfg.train.pictures)
+        tracker.metrics(res.metrics(), 0)
+        table = res.table(manifest.get("classes", []))
+        tracker.text(table, "eval/results.txt")
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, fig in enumerate(res.pictures):
+                fig.save(Path(tmp) / f"tokens_{i}.png")
+                tracker.artifact(Path(tmp) / f"tokens_{i}.png", "pictures")
+        return f"checkpoint {where}\n{table}"
+    finally:
+        tracker.close()

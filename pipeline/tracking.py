@@ -1,0 +1,75 @@
+"""MLflow tracking from rank 0 only; the other ranks get a tracker that does nothing.
+
+The run id travels in the checkpoint, so a restarted or resumed run logs to the same run.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(list(v) if isinstance(v, tuple) else v)[:6000]
+    return {k: v for k, v in out.items() if not any(w in k.lower() for w in SECRET_WORDS)}
+
+
+def git_revision() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """Thin wrapper over an MLflow run; ``active=False`` makes every call a no-op."""
+
+    def __init__(self, active: bool, uri: str = "", experiment: str = "dups", run_name: str = "",
+                 run_id: str | None = None, params: dict | None = None, tags: dict | None = None):
+        self.active = active
+        self.run_id = run_id
+        if not active:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or uri)
+        if run_id:
+            mlflow.start_run(run_id=run_id)
+        else:
+            mlflow.set_experiment(experiment)
+            mlflow.start_run(run_name=run_name or None)
+            if params:
+                mlflow.log_params(flatten(params))
+            mlflow.set_tags({"git_revision": git_revision(), **(tags or {})})
+        self.run_id = mlflow.active_run().info.run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.active:
+            self.mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        if self.active:
+            self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def text(self, text: str, name: str) -> None:
+        if self.active:
+            self.mlflow.log_text(text, name)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.active:
+            self.mlflow.set_tag(key, value)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.active and self.mlflow.active_run() is not None:
+            self.mlflow.end_run(status=status)
