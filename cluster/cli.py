@@ -67,9 +67,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"trained {cfg.name}: {result.steps} steps, MLflow run {result.run_id}, "
               f"last checkpoint {result.last_checkpoint or run_dir(cfg) / 'checkpoints'}")
     else:
-        from cluster.launch import run_dir, train_ray
+        from cluster.launch import ray_storage, train_ray
 
-        resume = args.resume or (str(run_dir(cfg).resolve().parent / "ray" / cfg.name) if args.resume == "" else None)
+        resume = None
+        if args.resume is not None:  # bare --resume: this run's own Ray storage
+            resume = args.resume or f"{ray_storage(cfg)}/{cfg.name}"
         result = train_ray(cfg, resume=resume)
         print(f"trained {cfg.name} on Ray: checkpoint {result.checkpoint}")
     print(f"open the MLflow UI: mlflow ui --backend-store-uri {cfg.tracking.uri}")
@@ -87,8 +89,8 @@ def _check_inputs(cfg) -> None:
         load_manifest(cfg.data.val)
     if cfg.train.pretrained and not cfg.train.pretrained.startswith("s3://"):
         from pathlib import Path
-        if not Path(cfg.train.pretrained).is_file():
-            raise FileNotFoundError(f"train.pretrained: no such file {cfg.train.pretrained}")
+        if not Path(cfg.train.pretrained).exists():
+            raise FileNotFoundError(f"train.pretrained: no such file or folder {cfg.train.pretrained}")
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from pipeline.checkpoints import latest_checkpoint
 from pipeline.config import Config
 
 log = logging.getLogger("dups.launch")
@@ -19,17 +20,6 @@ log = logging.getLogger("dups.launch")
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.train.output) / cfg.name
-
-
-def latest_checkpoint(directory: str | Path) -> str | None:
-    """The directory itself if it holds a DeepSpeed 'latest' file, or the newest Ray checkpoint
-    inside a Ray run directory."""
-    d = Path(directory)
-    if (d / "latest").is_file():
-        return str(d)
-    ray_ckpts = sorted(d.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
-    ray_ckpts = [p for p in ray_ckpts if (p / "latest").is_file()]
-    return str(ray_ckpts[-1]) if ray_ckpts else None
 
 
 def train_local(cfg: Config, resume: bool = False, stop_after: int | None = None):
@@ -50,6 +40,12 @@ def train_local(cfg: Config, resume: bool = False, stop_after: int | None = None
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def ray_storage(cfg: Config) -> str:
+    """Where Ray Train keeps checkpoints and results: ``<train.output>/ray`` (local or S3)."""
+    out = cfg.train.output
+    return f"{out.rstrip('/')}/ray" if out.startswith("s3://") else str(Path(out).resolve() / "ray")
 
 
 def _ray_loop(config: dict) -> None:
@@ -120,7 +116,7 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
         scaling_config=ScalingConfig(num_workers=cfg.launch.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.launch.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.name, storage_path=storage or str(run_dir(cfg).resolve().parent / "ray"),
+            name=cfg.name, storage_path=storage or ray_storage(cfg),
             failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": env}),

@@ -156,8 +156,9 @@ def _run_tasks(dataset: str, plans: list[ShardPlan], out_url: str, progress: boo
 
 def prepare(dataset: str, src: str, out: str, splits=("train", "val"),
             shard_bytes: int = DEFAULT_SHARD_BYTES, address: str | None = None,
-            num_cpus: int | None = None, progress: bool = True) -> dict:
-    """Runs the whole job and returns the manifest (also written to ``out/manifest.json``)."""
+            num_cpus: int | None = None, progress: bool = True, use_ray: bool = True) -> dict:
+    """Runs the whole job and returns the manifest (also written to ``out/manifest.json``).
+    ``use_ray=False`` writes the shards one after another in this process (small sets)."""
     import ray
 
     if dataset not in DATASETS:
@@ -170,14 +171,17 @@ def prepare(dataset: str, src: str, out: str, splits=("train", "val"),
     plans = [p for split, lst in listings.items()
              for p in plan_shards(dataset, split, lst.samples, shard_bytes)]
     started_ray = False
-    if not ray.is_initialized():
+    if use_ray and not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address=address, num_cpus=None if address else num_cpus,
                  include_dashboard=False, log_to_driver=False)
         started_ray = True
     start = time.perf_counter()
     try:
-        sidecars = _run_tasks(dataset, plans, storage.url, progress)
+        if use_ray:
+            sidecars = _run_tasks(dataset, plans, storage.url, progress)
+        else:
+            sidecars = [{**write_shard(dataset, p, storage.url), "node": "local"} for p in plans]
     finally:
         if started_ray:
             ray.shutdown()

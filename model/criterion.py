@@ -141,13 +141,14 @@ class SegmentationCriterion(nn.Module):
         """MSE of every upsampling block's predicted edge fractions, summed over blocks.
         ``maps``: the edge fractions {patch: (B, H/p, W/p)} if the loader has them already;
         otherwise they are computed from ``labels``."""
-        scored = [r for r in records if r.scores is not None and r.scores.shape[1] > 0]
+        scored = [r for r in records if r.scores is not None]
         if not scored:
             return labels.new_zeros((), dtype=torch.float32)
         if maps is None:
             maps = edge_scores(labels, {r.patch for r in scored}, self.cfg.ignore_index)
+        # a block with nothing to score adds an exact zero that is still part of the graph
         return sum(F.mse_loss(r.scores.float(), token_targets(maps[r.patch], r.centres, r.patch))
-                   for r in scored)
+                   if r.scores.numel() else r.scores.sum() * 0.0 for r in scored)
 
     def forward(self, predictions: list[Prediction], labels: Tensor,
                 records: list[UpsampleRecord] | None = None,

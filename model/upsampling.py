@@ -105,9 +105,8 @@ class UpsamplingBlock(nn.Module):
             selected = choose_by.detach().topk(k, dim=1).indices
         selected = selected.sort(dim=1).values
         record = UpsampleRecord(self.parent_patch, cand_centres, scores, selected)
-        if k == 0:
-            return tokens.append(cand[:, :0], cand_centres[:, :0], tokens.scales[:, :0]), record
-
+        # K = 0 runs the same code on empty tensors: every parameter still gets a (zero)
+        # gradient, so data-parallel ranks with different K reduce the same buckets.
         parents = cand.gather(1, selected[..., None].expand(-1, -1, d))  # (B, K, d)
         parent_centres = cand_centres.gather(1, selected[..., None].expand(-1, -1, 2))
         centres = (parent_centres[:, :, None] + child_offsets(self.parent_patch, cand.device))

@@ -1,8 +1,6 @@
 """`dups eval`: a checkpoint's weights on the validation split, in one process."""
 from __future__ import annotations
 
-import glob
-import os
 from pathlib import Path
 
 import torch
@@ -10,36 +8,19 @@ import torch
 from model.ratios import RatioPolicy
 
 from . import augment
+from .checkpoints import model_state
 from .config import Config
 from .data import EvalStream, load_manifest, shards_of
 from .evaluate import evaluate, evaluate_classification
 from .tracking import Tracker
 
 
-def load_weights(model: torch.nn.Module, directory: str) -> str:
-    """Model weights of a DeepSpeed checkpoint (the newest tag under ``directory``, or a Ray
-    checkpoint holding one). ZeRO-3 shards are consolidated with DeepSpeed's own tool."""
-    from cluster.launch import latest_checkpoint
-
-    root = latest_checkpoint(directory)
-    if root is None:
-        raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
-    tag = Path(root, "latest").read_text().strip()
-    states = sorted(glob.glob(os.path.join(root, tag, "*model_states.pt")))
-    state = torch.load(states[0], map_location="cpu", weights_only=False) if states else {}
-    module = state.get("module")
-    if not module:  # ZeRO-3: parameters live in the partitioned optimizer shards
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        module = get_fp32_state_dict_from_zero_checkpoint(root, tag)
-    model.load_state_dict({k: v.float() for k, v in module.items()})
-    return os.path.join(root, tag)
-
-
 def run_eval(cfg: Config, checkpoint: str) -> str:
     from .train import _SegmentationEval, build_model
 
     model = build_model(cfg)
-    where = load_weights(model, checkpoint)
+    state, where = model_state(checkpoint)
+    model.load_state_dict(state)
     val_root = cfg.data.val or cfg.data.train
     manifest = load_manifest(val_root)
     shards = shards_of(val_root, manifest, "val")

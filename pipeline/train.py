@@ -27,6 +27,7 @@ from model.ratios import RatioPolicy
 from model.segmentor import build_segmentor, oracle_maps
 
 from . import augment
+from .checkpoints import model_state
 from .config import Config
 from .data import EvalStream, load_manifest, shards_of, train_loader
 from .engine import build_engine, device_for_rank, input_dtype
@@ -94,8 +95,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg)
         if cfg.train.pretrained and not hooks.resume_from:
-            state = torch.load(cfg.train.pretrained, map_location="cpu", weights_only=True)
-            report = load_backbone(self.model, state.get("module", state))
+            state, _ = model_state(cfg.train.pretrained)
+            report = load_backbone(self.model, state)
             if self.rank == 0:
                 log.info("pre-trained backbone %s: %s", cfg.train.pretrained, report)
         self.engine = build_engine(self.model.to(self.device), build_optimizer(self.model, cfg.optim), cfg)
