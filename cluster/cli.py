@@ -63,7 +63,12 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.launch.launcher == "local":
         from cluster.launch import run_dir, train_local
 
-        result = train_local(cfg, resume=args.resume is not None)
+        from pipeline.engine import shutdown
+
+        try:
+            result = train_local(cfg, resume=args.resume is not None)
+        finally:
+            shutdown()
         print(f"trained {cfg.name}: {result.steps} steps, MLflow run {result.run_id}, "
               f"last checkpoint {result.last_checkpoint or run_dir(cfg) / 'checkpoints'}")
     else:
@@ -74,7 +79,9 @@ def _train(args: argparse.Namespace) -> int:
             resume = args.resume or f"{ray_storage(cfg)}/{cfg.name}"
         result = train_ray(cfg, resume=resume)
         print(f"trained {cfg.name} on Ray: checkpoint {result.checkpoint}")
-    print(f"open the MLflow UI: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    from pipeline.tracking import resolve_uri
+
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)}")
     return 0
 
 

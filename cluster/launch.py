@@ -23,9 +23,8 @@ def run_dir(cfg: Config) -> Path:
 
 
 def train_local(cfg: Config, resume: bool = False, stop_after: int | None = None):
-    """One process, no Ray: how the loop runs on a single GPU machine (and in tests)."""
-    import torch.distributed as dist
-
+    """One process, no Ray: how the loop runs on a single GPU machine (and in tests). The
+    process group stays up for further runs; ``pipeline.engine.shutdown`` ends it."""
     from pipeline.engine import init_single_process
     from pipeline.train import RunHooks, train
 
@@ -34,12 +33,8 @@ def train_local(cfg: Config, resume: bool = False, stop_after: int | None = None
     resume_from = latest_checkpoint(ckpt_root) if resume else None
     if resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}")
-    try:
-        return train(cfg, RunHooks(checkpoint_dir=lambda step: str(ckpt_root), resume_from=resume_from,
-                                   stop_after=stop_after))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    return train(cfg, RunHooks(checkpoint_dir=lambda step: str(ckpt_root), resume_from=resume_from,
+                               stop_after=stop_after))
 
 
 def ray_storage(cfg: Config) -> str:

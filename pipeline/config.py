@@ -97,7 +97,7 @@ class LaunchConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlruns.db"
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working dir
     experiment: str = "dups"
     run_name: str = ""
 

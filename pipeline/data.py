@@ -212,8 +212,11 @@ def train_loader(shards: list[Shard], transform, batch_size: int, rank: int, wor
     """(DataLoader, DataPosition) starting at ``position`` (a DataPosition.state_dict())."""
     start = (position["epoch"], position["taken"]) if position else (0, 0)
     stream = TrainStream(shards, transform, batch_size, rank, world, workers, seed, shuffle_buffer, start)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers,
-                        persistent_workers=False, prefetch_factor=2 if workers else None)
+    # its own generator: creating the iterator must not draw from the global torch RNG, which
+    # the model's randomness (and an exact resume) depends on
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                        prefetch_factor=2 if workers else None,
+                        generator=torch.Generator().manual_seed(seed))
     return loader, DataPosition(stream, *start)
 
 

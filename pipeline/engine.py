@@ -25,8 +25,8 @@ def init_single_process() -> None:
     """A one-rank process group for ``--launcher local`` (gloo on CPU, NCCL on GPU)."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -64,3 +64,14 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
 
 def input_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+
+
+def shutdown() -> None:
+    """Ends the process group cleanly before the interpreter exits (a gloo thread that outlives
+    Python's shutdown aborts the process otherwise)."""
+    import gc
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

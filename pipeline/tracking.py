@@ -31,6 +31,14 @@ def git_revision() -> str:
         return "unknown"
 
 
+DEFAULT_URI = "sqlite:///mlruns.db"
+
+
+def resolve_uri(uri: str = "") -> str:
+    """The config's URI if set, else MLFLOW_TRACKING_URI, else a sqlite store in the cwd."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
 class Tracker:
     """Thin wrapper over an MLflow run; ``active=False`` makes every call a no-op."""
 
@@ -43,12 +51,16 @@ class Tracker:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or uri)
+        uri = resolve_uri(uri)
+        mlflow.set_tracking_uri(uri)
         if run_id:
             mlflow.start_run(run_id=run_id)
         else:
-            mlflow.set_experiment(experiment)
-            mlflow.start_run(run_name=run_name or None)
+            # by id, not mlflow.set_experiment: that caches the experiment of an earlier store
+            client = mlflow.MlflowClient(uri)
+            found = client.get_experiment_by_name(experiment)
+            exp_id = found.experiment_id if found else client.create_experiment(experiment)
+            mlflow.start_run(experiment_id=exp_id, run_name=run_name or None)
             if params:
                 mlflow.log_params(flatten(params))
             mlflow.set_tags({"git_revision": git_revision(), **(tags or {})})

@@ -137,9 +137,12 @@ class Trainer:
         path, client = self.engine.load_checkpoint(directory)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
-        rng_file = Path(path) / f"rng_rank{self.rank}.pt"
+        tag_dir = Path(path) if Path(path).is_dir() else Path(path).parent  # DeepSpeed returns a file
+        rng_file = tag_dir / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning("no %s: this rank's random state starts afresh", rng_file)
         self.step = client["step"]
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
@@ -301,4 +304,5 @@ def train(cfg: Config, hooks: RunHooks) -> TrainResult:
     try:
         return trainer.run()
     finally:
+        trainer.tracker.close()
         del trainer.engine

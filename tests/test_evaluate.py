@@ -1,0 +1,69 @@
+"""Evaluation: mIoU against torchmetrics, sliding window and multi-scale consistency."""
+import pytest
+import torch
+
+from model import RatioPolicy
+from model.segmentor import build_segmentor
+from pipeline.config import EvalConfig
+from pipeline.evaluate import (_probs, confusion, evaluate, iou_from_confusion, multi_scale,
+                               sliding_window)
+
+
+def test_miou_equals_torchmetrics_jaccard():
+    tm = pytest.importorskip("torchmetrics")
+    g = torch.Generator().manual_seed(0)
+    classes = 6
+    label = torch.randint(0, classes, (4, 40, 50), generator=g)
+    label[:, :5] = 255
+    pred = torch.where(torch.rand(label.shape, generator=g) < 0.7, label.clamp(max=classes - 1),
+                       torch.randint(0, classes, label.shape, generator=g))
+    conf = sum(confusion(p, l, classes) for p, l in zip(pred, label))
+    iou, miou = iou_from_confusion(conf)
+    metric = tm.classification.MulticlassJaccardIndex(num_classes=classes, ignore_index=255, average="none")
+    want = metric(pred, label)
+    torch.testing.assert_close(iou.float(), want.float())
+    assert miou == pytest.approx(float(want.mean()))
+
+
+def test_classes_absent_from_prediction_and_label_are_left_out():
+    label = torch.tensor([[0, 0, 1, 1]])
+    pred = torch.tensor([[0, 1, 1, 1]])
+    iou, miou = iou_from_confusion(confusion(pred, label, 4))
+    assert iou[:2].tolist() == [0.5, pytest.approx(2 / 3)] and iou[2:].isnan().all()
+    assert miou == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+@torch.no_grad()
+def test_one_window_and_one_scale_equal_single_scale():
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", num_classes=5).eval()
+    image = torch.randn(1, 3, 128, 128)
+    policy = RatioPolicy.from_preset("fixed", "ade20k")
+    single, _ = _probs(model, image, policy, (128, 128))
+    window, _ = sliding_window(model, image, policy, (128, 128), window=128)
+    torch.testing.assert_close(window, single)
+    scaled, _ = multi_scale(model, image, policy, (128, 128), (128,), flip=False)
+    torch.testing.assert_close(scaled, single)
+    # two overlapping windows over a wider image: every pixel covered, probabilities averaged
+    wide = torch.randn(1, 3, 128, 192)
+    probs, _ = sliding_window(model, wide, policy, (128, 192), window=128)
+    assert probs.shape == (1, 5, 128, 192) and torch.isfinite(probs).all()
+    left, _ = _probs(model, wide[..., :128], policy, (128, 128))
+    torch.testing.assert_close(probs[..., :64], left[..., :64])  # only the first window there
+
+
+def test_evaluate_reports_flops_tokens_and_pictures():
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", num_classes=5)
+    samples = []
+    for i in range(3):
+        label = torch.randint(0, 5, (96, 128))
+        samples.append({"image": torch.randn(3, 96, 128), "label": label, "size": (96, 128),
+                        "scores": {s: torch.zeros(96 // s + (96 % s > 0), 128 // s) for s in (32, 16, 8)},
+                        "key": str(i)})
+    res = evaluate(model, samples, 5, RatioPolicy.from_preset("fixed", "ade20k"), EvalConfig(), 128,
+                   torch.device("cpu"), pictures=1)
+    assert res.images == 3 and res.gflops_mean > 0 and res.gflops_std == pytest.approx(0, abs=1e-9)
+    assert len(res.tokens_per_stage) == 4 and res.tokens_per_stage[0] == 12
+    assert len(res.pictures) == 1 and res.pictures[0].size[1] == 96
+    assert 0 <= res.miou <= 1 and "mIoU" in res.table([f"c{i}" for i in range(5)])
