@@ -18,21 +18,8 @@ from .attention import (Neighbourhood, NeighbourhoodAttention, cluster_neighbour
 from .config import EncoderConfig, encoder_config
 from .ratios import RatioPolicy
 from .tokens import STAGE_PATCH_SIZES, TokenSet, grid_centres
-from .upsampling import CentreEmbedding, UpsampleRecord, UpsamplingBlock, mlp
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops a sample's residual branch with probability ``p``."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+from .layers import DropPath, mlp
+from .upsampling import CentreEmbedding, UpsampleRecord, UpsamplingBlock
 
 
 class Block(nn.Module):

@@ -15,19 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from .edges import token_targets
+from .layers import LearnedTensor, mlp
 from .ratios import RatioPolicy
 from .tokens import TokenSet, child_offsets
-
-
-def mlp(dim: int, hidden: int, out: int, layers: int) -> nn.Sequential:
-    """``layers`` Linear layers with GELU between them."""
-    mods: list[nn.Module] = []
-    widths = [dim] + [hidden] * (layers - 1) + [out]
-    for i in range(layers):
-        mods.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < layers - 1:
-            mods.append(nn.GELU())
-    return nn.Sequential(*mods)
 
 
 class CentreEmbedding(nn.Module):
@@ -72,10 +62,8 @@ class UpsamplingBlock(nn.Module):
         self.parent_patch = parent_patch
         self.child_patch = parent_patch // 2
         self.score = mlp(dim, dim, 1, layers=3)
-        self.scale_embed = nn.Parameter(torch.zeros(dim))
-        self.subpatch_embed = nn.Parameter(torch.zeros(4, dim))
-        nn.init.trunc_normal_(self.scale_embed, std=0.02)
-        nn.init.trunc_normal_(self.subpatch_embed, std=0.02)
+        self.scale_embed = LearnedTensor(dim)
+        self.subpatch_embed = LearnedTensor(4, dim)
         self.pos_embed = CentreEmbedding(dim)
         self.image_data = image_data
         if image_data:
@@ -111,7 +99,7 @@ class UpsamplingBlock(nn.Module):
         parent_centres = cand_centres.gather(1, selected[..., None].expand(-1, -1, 2))
         centres = (parent_centres[:, :, None] + child_offsets(self.parent_patch, cand.device))
         centres = centres.reshape(b, 4 * k, 2)
-        feats = parents[:, :, None] + self.subpatch_embed + self.scale_embed  # (B, K, 4, d)
+        feats = parents[:, :, None] + self.subpatch_embed() + self.scale_embed()  # (B, K, 4, d)
         feats = feats.reshape(b, 4 * k, d) + self.pos_embed(centres).to(feats.dtype)
         if self.image_data:
             p = self.child_patch

@@ -63,7 +63,7 @@ def test_param_groups_and_schedule():
     for g in ("backbone/no_decay", "head/no_decay"):
         assert groups[g]["weight_decay"] == 0.0
     assert "encoder.left.0.0.norm1.weight" in of("backbone/no_decay")
-    assert "encoder.upsample.0.subpatch_embed" in of("head/no_decay")
+    assert "encoder.upsample.0.subpatch_embed.weight" in of("head/no_decay")
     assert "decoder.query_feat.weight" in of("head/no_decay")
     assert "encoder.left.0.0.attn.qkv.bias" in of("backbone/no_decay")
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))

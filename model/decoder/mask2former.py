@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..upsampling import mlp
+from ..layers import LearnedTensor, mlp
 
 
 def sine_positions(height: int, width: int, dim: int, device=None) -> Tensor:
@@ -32,20 +32,38 @@ def sine_positions(height: int, width: int, dim: int, device=None) -> Tensor:
     return pos.reshape(height * width, dim)
 
 
+class Attention(nn.Module):
+    """Multi-head attention from four Linear modules (as nn.MultiheadAttention computes it,
+    but each projection runs its own forward, which ZeRO-3's parameter gathering needs)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, blocked: Tensor | None = None) -> Tensor:
+        """``blocked`` (B, Q, L): True where a query may not attend."""
+        b, nq, d = query.shape
+        split = lambda x: x.view(b, x.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        mask = None if blocked is None else ~blocked[:, None]
+        out = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(key)),
+                                             split(self.v(value)), attn_mask=mask)
+        return self.out(out.transpose(1, 2).reshape(b, nq, d))
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, dim: int, heads: int, ffn: int):
         super().__init__()
-        self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.cross = Attention(dim, heads)
+        self.self_attn = Attention(dim, heads)
         self.ffn = mlp(dim, ffn, dim, layers=2)
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
 
     def forward(self, q: Tensor, q_pos: Tensor, memory: Tensor, m_pos: Tensor,
-                mask: Tensor | None) -> Tensor:
-        q = self.norms[0](q + self.cross(q + q_pos, memory + m_pos, memory, attn_mask=mask,
-                                         need_weights=False)[0])
+                blocked: Tensor | None) -> Tensor:
+        q = self.norms[0](q + self.cross(q + q_pos, memory + m_pos, memory, blocked))
         qp = q + q_pos
-        q = self.norms[1](q + self.self_attn(qp, qp, q, need_weights=False)[0])
+        q = self.norms[1](q + self.self_attn(qp, qp, q))
         return self.norms[2](q + self.ffn(q))
 
 
@@ -59,10 +77,10 @@ class MaskedTransformerDecoder(nn.Module):
     def __init__(self, num_classes: int, dim: int = 256, queries: int = 100, layers: int = 9,
                  heads: int = 8, ffn: int = 2048, mask_dim: int = 256, num_levels: int = 3):
         super().__init__()
-        self.heads, self.num_levels = heads, num_levels
-        self.query_feat = nn.Embedding(queries, dim)
-        self.query_pos = nn.Embedding(queries, dim)
-        self.level_embed = nn.Embedding(num_levels, dim)
+        self.num_levels = num_levels
+        self.query_feat = LearnedTensor(queries, dim, std=1.0)
+        self.query_pos = LearnedTensor(queries, dim, std=1.0)
+        self.level_embed = LearnedTensor(num_levels, dim, std=1.0)
         self.layers = nn.ModuleList(DecoderLayer(dim, heads, ffn) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.class_head = nn.Linear(dim, num_classes + 1)
@@ -75,7 +93,6 @@ class MaskedTransformerDecoder(nn.Module):
         small = F.interpolate(masks, size=next_size, mode="bilinear", align_corners=False)
         blocked = (small.sigmoid().flatten(2) < 0.5).detach()
         blocked[blocked.all(-1)] = False  # a query that would see nothing sees everything
-        blocked = blocked.repeat_interleave(self.heads, 0)
         return Prediction(self.class_head(q), masks), blocked
 
     def forward(self, maps: list[Tensor], mask_features: Tensor) -> list[Prediction]:
@@ -85,10 +102,10 @@ class MaskedTransformerDecoder(nn.Module):
         for i, m in enumerate(maps):
             h, w = m.shape[-2:]
             sizes.append((h, w))
-            memory.append(m.flatten(2).transpose(1, 2) + self.level_embed.weight[i])
+            memory.append(m.flatten(2).transpose(1, 2) + self.level_embed()[i])
             m_pos.append(sine_positions(h, w, m.shape[1], m.device).to(m.dtype)[None])
-        q = self.query_feat.weight.unsqueeze(0).repeat(b, 1, 1)
-        q_pos = self.query_pos.weight.unsqueeze(0).repeat(b, 1, 1)
+        q = self.query_feat().unsqueeze(0).repeat(b, 1, 1)
+        q_pos = self.query_pos().unsqueeze(0).repeat(b, 1, 1)
         pred, blocked = self._predict(q, mask_features, sizes[0])
         preds = [pred]
         for i, layer in enumerate(self.layers):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..attention import cluster_neighbourhood
 from ..encoder import Block, Level, Stage
+from ..layers import LearnedTensor
 from ..upsampling import CentreEmbedding
 from .densify import Densify, cover_index
 
@@ -38,8 +39,7 @@ class PointPixelDecoder(nn.Module):
         super().__init__()
         self.cluster_size, self.nbhd_size = cluster_size, nbhd_size
         self.input_proj = nn.ModuleList(_proj(in_dims[i], dim) for i in (1, 2, 3))
-        self.level_embed = nn.Parameter(torch.zeros(3, dim))
-        nn.init.normal_(self.level_embed, std=0.02)
+        self.level_embed = LearnedTensor(3, dim)
         self.pos = CentreEmbedding(dim)
         self.layers = Stage(Block(dim, heads, mlp_ratio, 0.0) for _ in range(layers))
         self.lateral = _proj(in_dims[0], dim)
@@ -51,7 +51,7 @@ class PointPixelDecoder(nn.Module):
     def forward(self, levels: list[Level], height: int, width: int) -> PixelDecoderOutput:
         fine, coarse = levels[0], levels[1:]
         x = torch.cat([proj(lv.features) + emb for proj, lv, emb in
-                       zip(self.input_proj, coarse, self.level_embed)], 1)
+                       zip(self.input_proj, coarse, self.level_embed())], 1)
         centres = torch.cat([lv.centres for lv in coarse], 1)
         x = x + self.pos(centres).to(x.dtype)
         nbhd = cluster_neighbourhood(centres, float(coarse[0].patch), self.cluster_size,
