@@ -106,7 +106,34 @@ def _eval(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _check_inputs(cfg)
-    print(run_eval(cfg, args.checkpoint))
+    print(run_eval(cfg, args.checkpoint)[0])
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from cluster.demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING)
+    run_demo(args.out, args.iters, args.train_images, args.val_images, args.workers, args.overrides)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from cluster.submit import submit
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    submit(command, args.address, args.follow, args.working_dir, args.pip)
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from cluster.submit import jobs
+
+    if args.action in ("logs", "stop") and not args.job_id:
+        raise ValueError(f"dups jobs {args.action} needs a job id")
+    jobs(args.action, args.job_id, args.address)
     return 0
 
 
@@ -154,6 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (DeepSpeed or Ray)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="the whole pipeline on this machine: synth, prep, train, eval")
+    p.add_argument("--out", default="demo_run")
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--train-images", type=int, default=48)
+    p.add_argument("--val-images", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (CPU processes)")
+    p.add_argument("overrides", nargs="*", help="config overrides for the demo run")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("submit", help="run a dups command as a Ray job on a cluster")
+    p.add_argument("--address", default=None, help="Ray dashboard URL (default $RAY_ADDRESS or "
+                   "http://127.0.0.1:8265)")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.add_argument("--working-dir", default=".", help="shipped to the cluster as the job's code")
+    p.add_argument("--pip", nargs="*", default=None, help="extra packages for the job's environment")
+    p.add_argument("command_line", nargs=argparse.REMAINDER, help="-- then the dups command")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("jobs", help="list Ray jobs, print one's logs, or stop one")
+    p.add_argument("action", choices=["list", "logs", "stop"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", default=None)
+    p.set_defaults(func=_jobs)
     return parser
 
 

@@ -37,6 +37,27 @@ def train_local(cfg: Config, resume: bool = False, stop_after: int | None = None
                                stop_after=stop_after))
 
 
+def pinned(cfg: Config) -> Config:
+    """The config with relative paths and the tracking store made absolute on the driver:
+    Ray workers run in other working directories (and on other machines)."""
+    import copy
+
+    from pipeline.tracking import resolve_uri
+
+    c = copy.deepcopy(cfg)
+    def absolute(path: str) -> str:
+        return path if not path or "://" in path or os.path.isabs(path) else os.path.abspath(path)
+    c.data.train, c.data.val = absolute(c.data.train), absolute(c.data.val)
+    c.train.output, c.train.pretrained = absolute(c.train.output), absolute(c.train.pretrained)
+    uri = resolve_uri(c.tracking.uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    elif "://" not in uri:
+        uri = os.path.abspath(uri)
+    c.tracking.uri = uri
+    return c
+
+
 def ray_storage(cfg: Config) -> str:
     """Where Ray Train keeps checkpoints and results: ``<train.output>/ray`` (local or S3)."""
     out = cfg.train.output
@@ -93,6 +114,7 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = pinned(cfg)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         ray.init(address=cfg.launch.address or None, include_dashboard=False, log_to_driver=True)

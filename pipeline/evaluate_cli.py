@@ -15,7 +15,8 @@ from .evaluate import evaluate, evaluate_classification
 from .tracking import Tracker
 
 
-def run_eval(cfg: Config, checkpoint: str) -> str:
+def run_eval(cfg: Config, checkpoint: str):
+    """(printable report, EvalResult or classification metrics) of a checkpoint."""
     from .train import _SegmentationEval, build_model
 
     model = build_model(cfg)
@@ -34,7 +35,7 @@ def run_eval(cfg: Config, checkpoint: str) -> str:
                 shards, lambda s: augment.eval_classification(s, cfg.data.image_size), 0, 1,
                 cfg.data.max_eval_images), device)
             tracker.metrics(metrics, 0)
-            return "\n".join(f"{k}: {v:.2f}" for k, v in metrics.items())
+            return "\n".join(f"{k}: {v:.2f}" for k, v in metrics.items()), metrics
         policy = RatioPolicy.from_preset(cfg.upsampling.policy, cfg.upsampling.preset)
         stream = EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), 0, 1, cfg.data.max_eval_images)
         res = evaluate(model, stream, cfg.model.num_classes, policy, cfg.eval, cfg.data.crop, device,
@@ -47,6 +48,6 @@ def run_eval(cfg: Config, checkpoint: str) -> str:
             for i, fig in enumerate(res.pictures):
                 fig.save(Path(tmp) / f"tokens_{i}.png")
                 tracker.artifact(Path(tmp) / f"tokens_{i}.png", "pictures")
-        return f"checkpoint {where}\n{table}"
+        return f"checkpoint {where}\n{table}", res
     finally:
         tracker.close()

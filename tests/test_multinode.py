@@ -1,12 +1,17 @@
-"""A two-node Ray cluster (ray.cluster_utils.Cluster, both nodes on this machine) writes the
-same bytes as a one-worker local run: shard contents do not depend on the worker count."""
+"""The multi-node rehearsal on a two-node Ray cluster (ray.cluster_utils.Cluster, both nodes
+on this machine): the prep job writes the same bytes as a one-worker local run, and a 2-worker
+training job runs with one worker on each node."""
 import os
 
+from mlflow import MlflowClient
+
 import prep_fixtures as fx
+import train_helpers as th
+from cluster.launch import train_ray
 from data_prep.job import prepare
 
 
-def test_two_nodes_write_the_same_bytes_as_one_worker(tmp_path, monkeypatch):
+def test_two_node_cluster_runs_prep_and_training(tmp_path, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -24,6 +29,9 @@ def test_two_nodes_write_the_same_bytes_as_one_worker(tmp_path, monkeypatch):
         ray.init(address=cluster.address, log_to_driver=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         multi = prepare("ade20k", str(src), str(tmp_path / "multi"), shard_bytes=25_000, progress=False)
+        cfg = th.test_config(str(tmp_path / "multi"), tmp_path, "train.iters=4", "train.checkpoint_every=4",
+                             "train.eval_every=100", "launch.workers=2")
+        result = train_ray(cfg)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -32,3 +40,7 @@ def test_two_nodes_write_the_same_bytes_as_one_worker(tmp_path, monkeypatch):
     assert multi["splits"] == single["splits"] and len(multi["splits"]["train"]["shards"]) > 2
     for shard in multi["splits"]["train"]["shards"]:
         assert (tmp_path / "multi" / shard["name"]).read_bytes() == (tmp_path / "single" / shard["name"]).read_bytes()
+    assert result.error is None and result.checkpoint is not None
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    run = client.search_runs([client.get_experiment_by_name("dups-demo").experiment_id])[0]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4]

@@ -1,0 +1,70 @@
+"""`dups submit` / `dups jobs`: any dups command as a Ray job, through Ray's Job Submission API.
+
+The working directory travels as the job's runtime env (so the cluster runs this checkout's
+code); S3 and MLflow settings travel as environment variables, named in the output but never
+printed with their values.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+
+PASS_THROUGH_PREFIXES = ("AWS_", "MLFLOW_")
+EXCLUDES = [".git", ".venv", "demo_run", "runs", "mlruns", "mlruns.db", "*.tar", "__pycache__",
+            ".pytest_cache", "*.egg-info"]
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)
+
+
+def passed_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(PASS_THROUGH_PREFIXES)}
+
+
+def submit(command: list[str], address: str | None = None, follow: bool = False,
+           working_dir: str = ".", pip: list[str] | None = None, out=sys.stdout) -> str:
+    if not command:
+        raise ValueError("nothing to submit: give a dups command after --, e.g. dups submit -- train demo")
+    env = passed_env()
+    runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env}
+    if pip:
+        runtime_env["pip"] = pip
+    c = client(address)
+    entrypoint = "python -m cluster.cli " + shlex.join(command)
+    job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    print(f"submitted {job_id}: dups {shlex.join(command)}", file=out)
+    if env:
+        print(f"environment passed to the job: {', '.join(sorted(env))} (values not shown)", file=out)
+    if follow:
+        status = follow_logs(c, job_id, out)
+        print(f"job {job_id} {status}", file=out)
+    return job_id
+
+
+def follow_logs(c, job_id: str, out=sys.stdout) -> str:
+    async def tail():
+        async for lines in c.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+    asyncio.run(tail())
+    return str(c.get_job_status(job_id))
+
+
+def jobs(action: str, job_id: str | None = None, address: str | None = None, out=sys.stdout) -> None:
+    c = client(address)
+    if action == "list":
+        for job in sorted(c.list_jobs(), key=lambda j: j.start_time or 0):
+            print(f"{job.submission_id or job.job_id:<28}{str(job.status):<12}{job.entrypoint[:80]}", file=out)
+    elif action == "logs":
+        out.write(c.get_job_logs(job_id))
+    elif action == "stop":
+        stopped = c.stop_job(job_id)
+        print(f"stop {job_id}: {'requested' if stopped else 'not running'}", file=out)
+    else:
+        raise ValueError(f"unknown jobs action {action!r}; choose list, logs or stop")

@@ -1,0 +1,113 @@
+"""Cluster configs (Ray's own validation, batch arithmetic) and job submission to a real
+`ray start --head` on 127.0.0.1 that the test starts and stops."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.engine import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+YAMLS = sorted((ROOT / "cluster").glob("aws-*.yaml"))
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_cluster_yaml_passes_rays_validation(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(path.read_text())
+    validate_config(prepare_config(raw))
+    gpus = {"aws-pretrain-16gpu.yaml": 16, "aws-finetune-4gpu.yaml": 8}[path.name]
+    worker = raw["available_node_types"]["gpu_worker"]
+    assert worker["node_config"]["InstanceType"] == "p4d.24xlarge"  # 8 x A100 each
+    assert worker["min_workers"] * 8 == gpus
+    assert any("[gpu]" in c for c in raw["setup_commands"])
+    broken = dict(raw, max_workers="two")
+    with pytest.raises(Exception):
+        validate_config(prepare_config(broken))
+
+
+@pytest.mark.parametrize("name,gpus,global_batch", [
+    ("pretrain_imagenet_tiny", 16, 1024), ("pretrain_imagenet_base", 16, 1024),
+    ("finetune_ade20k_tiny", 4, 32), ("finetune_cocostuff_small", 4, 32),
+    ("finetune_cityscapes_base", 4, 16)])
+def test_config_batch_arithmetic(name, gpus, global_batch):
+    cfg = load_config(name)
+    assert cfg.launch.workers == gpus and cfg.launch.use_gpu
+    assert cfg.global_batch == cfg.data.batch_size * cfg.launch.workers * cfg.engine.grad_accum == global_batch
+    if name.startswith("finetune"):
+        assert cfg.train.iters == (90000 if "cityscapes" in name else 80000)
+        assert cfg.data.crop == (1024 if "cityscapes" in name else 512)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` in its own process group; ended by group id, not `ray stop`."""
+    bindir = Path(sys.executable).parent
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [str(bindir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the Ray head did not answer in 90 s")
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_status(client, job_id, wanted, seconds=120):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(job_id))
+        if status in wanted:
+            return status
+        time.sleep(1)
+    return status
+
+
+def test_submit_follow_list_logs_stop(ray_head, monkeypatch):
+    from cluster.submit import client, jobs, submit
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-print-me")
+    out = io.StringIO()
+    job = submit(["summary", "--model", "dups_demo", "--task", "backbone", "--image-size", "256", "--json"],
+                 address=ray_head, follow=True, out=out)
+    text = out.getvalue()
+    assert f"submitted {job}" in text and '"tokens_per_stage"' in text and "SUCCEEDED" in text
+    assert "AWS_SECRET_ACCESS_KEY" in text and "do-not-print-me" not in text
+    c = client(ray_head)
+    long_job = submit(["synth", "--out", "/tmp/dups-stop-test", "--train", "100000"], address=ray_head, out=io.StringIO())
+    assert wait_status(c, long_job, {"RUNNING"}, 60) == "RUNNING"
+    listing = io.StringIO()
+    jobs("list", address=ray_head, out=listing)
+    assert job in listing.getvalue() and long_job in listing.getvalue()
+    jobs("stop", long_job, address=ray_head, out=io.StringIO())
+    assert wait_status(c, long_job, {"STOPPED", "FAILED"}, 60) == "STOPPED"
+    logs = io.StringIO()
+    jobs("logs", job, address=ray_head, out=logs)
+    assert '"model": "dups_demo"' in logs.getvalue()

@@ -1,0 +1,92 @@
+"""Fault tolerance: a training worker killed mid-run, a preparation job killed mid-way."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from mlflow import MlflowClient
+
+import prep_fixtures as fx
+import train_helpers as th
+from cluster.launch import ray_storage, train_ray
+from data_prep.job import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kill_a_worker_after_first_checkpoint(storage: Path, finished_marker: str, record: dict, timeout=300):
+    """Waits for the run's first checkpoint, then SIGKILLs one Ray Train worker process."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list(storage.glob("checkpoint_*")):
+            break
+        time.sleep(0.2)
+    record["checkpoints_before"] = sorted(p.name for p in storage.glob("checkpoint_*"))
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            record["killed"] = proc.info["pid"]
+            record["final_existed"] = any((p / finished_marker).exists() for p in storage.glob("checkpoint_*"))
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            return
+
+
+def test_killed_training_worker_restarts_from_the_last_checkpoint(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    shards = th.make_dataset(tmp_path / "data")
+    iters = 16
+    cfg = th.test_config(shards, tmp_path, f"train.iters={iters}", "train.checkpoint_every=4",
+                         "train.eval_every=100", "launch.workers=2", "launch.max_failures=2")
+    storage = Path(ray_storage(cfg)) / cfg.name
+    record: dict = {}
+    watcher = threading.Thread(target=kill_a_worker_after_first_checkpoint,
+                               args=(storage, f"step{iters:08d}", record), daemon=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        watcher.start()
+        result = train_ray(cfg)
+    finally:
+        ray.shutdown()
+    watcher.join(timeout=10)
+    assert record.get("killed"), "no worker was killed"
+    assert not record["final_existed"], "the kill came after the run had finished"
+    assert result.error is None
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("dups-demo").experiment_id])
+    assert len(runs) == 1, "a restarted run must log to the same MLflow run"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, iters + 1)), "every step logged exactly once"
+    assert runs[0].data.tags["last_checkpoint"].endswith(f"step{iters:08d}")
+
+
+def test_killed_prep_job_reruns_to_identical_shards(tmp_path):
+    src = tmp_path / "src"
+    fx.ade20k_with_bad_inputs(src, train=24, val=2)
+    reference = prepare("ade20k", str(src), str(tmp_path / "ref"), shard_bytes=20_000,
+                        progress=False, use_ray=False)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "prep", "ade20k", "--src", str(src),
+                             "--out", str(out), "--shard-size", "0.02", "--num-cpus", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("*.tar.json"))) < 2:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the job and the local Ray it started
+    proc.wait(timeout=30)
+    written = len(list(out.glob("*.tar.json")))
+    total = sum(len(s["shards"]) for s in reference["splits"].values())
+    assert 2 <= written < total, (written, total)
+    assert not (out / "manifest.json").exists()
+    again = prepare("ade20k", str(src), str(out), shard_bytes=20_000, progress=False, use_ray=False)
+    assert again["run"]["shards_skipped"] >= 2
+    assert again["splits"] == reference["splits"]
+    for split in again["splits"].values():
+        for shard in split["shards"]:
+            assert (out / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
