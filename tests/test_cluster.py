@@ -2,9 +2,11 @@
 `ray start --head` on 127.0.0.1 that the test starts and stops."""
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -49,8 +51,9 @@ def test_config_batch_arithmetic(name, gpus, global_batch):
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     """`ray start --head --block` in its own process group; ended by group id, not `ray stop`."""
+    temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a limit
     bindir = Path(sys.executable).parent
     port, dash = free_port(), free_port()
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled",
@@ -58,7 +61,7 @@ def ray_head(tmp_path):
     proc = subprocess.Popen(
         [str(bindir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"],
+         "--include-dashboard=true", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 90
@@ -72,11 +75,9 @@ def ray_head(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the Ray head did not answer in 90 s")
     yield address
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the head and everything it started (SIGTERM drains 30 s)
+    proc.wait(timeout=30)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def wait_status(client, job_id, wanted, seconds=120):
