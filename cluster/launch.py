@@ -87,7 +87,8 @@ def _ray_loop(config: dict) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
     try:
-        train(cfg, RunHooks(checkpoint_dir, on_checkpoint, resume_from, config.get("stop_after")))
+        train(cfg, RunHooks(checkpoint_dir, on_checkpoint, resume_from, config.get("stop_after"),
+                            config.get("run_id")))
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
@@ -125,10 +126,18 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     resume_from = latest_checkpoint(resume) if resume else None
     if resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {resume}")
+    run_id = None
+    if resume_from is None:  # a fresh run: its MLflow run exists before any worker starts
+        from pipeline.tracking import Tracker
+
+        tracker = Tracker(True, cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
+                          params=cfg.to_dict(), tags={"task": cfg.train.task, "model": cfg.model.name})
+        run_id = tracker.run_id
+        tracker.mlflow.end_run(status="RUNNING")
     trainer = TorchTrainer(
         _ray_loop,
         train_loop_config={"overrides_flat": flat_overrides(cfg), "resume_from": resume_from,
-                           "stop_after": stop_after},
+                           "stop_after": stop_after, "run_id": run_id},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.launch.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.launch.cpus_per_worker}),

@@ -46,6 +46,7 @@ class Tracker:
                  run_id: str | None = None, params: dict | None = None, tags: dict | None = None):
         self.active = active
         self.run_id = run_id
+        self.logged_until = -1  # steps up to here are in the run already (a restart replays them)
         if not active:
             return
         import mlflow
@@ -55,6 +56,8 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         if run_id:
             mlflow.start_run(run_id=run_id)
+            history = mlflow.MlflowClient(uri).get_metric_history(run_id, "train/loss")
+            self.logged_until = max((m.step for m in history), default=-1)
         else:
             # by id, not mlflow.set_experiment: that caches the experiment of an earlier store
             client = mlflow.MlflowClient(uri)
@@ -67,7 +70,7 @@ class Tracker:
         self.run_id = mlflow.active_run().info.run_id
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.active:
+        if self.active and step > self.logged_until:
             self.mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:

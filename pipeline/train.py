@@ -46,6 +46,7 @@ class RunHooks:
     on_checkpoint: Callable[[int, str, dict], None] = lambda step, d, m: None
     resume_from: str | None = None  # a directory holding a DeepSpeed checkpoint ('latest')
     stop_after: int | None = None  # stop early (tests: an interrupted run)
+    run_id: str | None = None  # an MLflow run made by the launcher (every restart logs there)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Trainer:
         run_id = None
         if self.rank == 0:
             tracker = Tracker(True, cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
-                              run_id=client.get("mlflow_run_id"), params=cfg.to_dict(),
+                              run_id=client.get("mlflow_run_id") or hooks.run_id, params=cfg.to_dict(),
                               tags={"task": cfg.train.task, "model": cfg.model.name})
             run_id = tracker.run_id
         self.run_id = _broadcast(run_id)

@@ -95,3 +95,25 @@ def test_two_ray_workers_zero2_learn_on_uneven_shards(shards, tmp_path, monkeypa
     assert [m.step for m in history] == list(range(2, 25, 2))
     losses = [m.value for m in history]
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+
+
+def test_pretraining_on_imagenet_layout(tmp_path):
+    """The classification task end to end in one process: random-ratio schedule, top-1/top-5."""
+    import prep_fixtures as fx
+    from data_prep.job import prepare
+    from pipeline.config import load_config
+
+    fx.imagenet(tmp_path / "in")
+    prepare("imagenet", str(tmp_path / "in"), str(tmp_path / "shards"), progress=False, use_ray=False)
+    cfg = load_config("pretrain_imagenet_tiny", [
+        f"data.train={tmp_path / 'shards'}", f"train.output={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+        "model.name=dups_demo", "model.num_classes=2", "data.image_size=64", "data.batch_size=2",
+        "data.workers=0", "data.shuffle_buffer=4", "train.iters=3", "train.eval_every=3",
+        "train.checkpoint_every=3", "train.log_every=1", "launch.launcher=local", "launch.workers=1",
+        "engine.precision=fp32", "optim.warmup_iters=1"])
+    result = train_local(cfg)
+    assert result.steps == 3 and set(result.eval) == {"val/top1", "val/top5", "val/images"}
+    assert result.eval["val/images"] == 2 and result.eval["val/top5"] == 100.0  # 2 classes
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    run = client.get_run(result.run_id)
+    assert run.data.tags["task"] == "pretrain" and "val/top1" in run.data.metrics
