@@ -1,0 +1,107 @@
+"""Attention backends on the same token sets, and what clustering and gathering cost.
+
+    .venv/bin/python benchmarks/attention.py [--tokens 21760] [--grid 32] [--repeats 5] [--bf16]
+
+1. Grid (stage 1 / dense baselines): torch reference vs natten, same numbers checked.
+2. Mixed-resolution tokens: torch reference vs xformers (CUDA only), same numbers checked.
+3. Per stage-4-sized set: Hilbert clustering + nearest-neighbour search (once per stage) and the
+   gathers, as fractions of one transformer block's time.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.attention import (NeighbourhoodAttention, _group_queries, _rows, cluster_neighbourhood,  # noqa: E402
+                             grid_neighbourhood, natten_fast_available, xformers_available)
+from model.encoder import Block  # noqa: E402
+
+
+def timer(device, repeats):
+    def run(fn) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times[1:])
+    return run
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=21760, help="mixed set size (stage 4, 512x512, full)")
+    ap.add_argument("--grid", type=int, default=32, help="grid side for the natten comparison")
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), torch.bfloat16 if args.bf16 else torch.float32
+    run = timer(device, args.repeats)
+    torch.manual_seed(0)
+    attn = NeighbourhoodAttention(args.dim, args.dim // 32).to(device, dtype)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{where}, {dtype}, width {args.dim}, median of {args.repeats}")
+
+    g = args.grid
+    ys, xs = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    centres = (torch.stack([xs, ys], -1).reshape(1, g * g, 2).float() * 32 + 16).to(device)
+    x = torch.randn(1, g * g, args.dim, device=device, dtype=dtype)
+    nbhd = grid_neighbourhood(1, g, g, 32.0, 7, device)
+    attn.backend = "torch"
+    ref = attn(x, centres, nbhd)
+    t_ref = run(lambda: attn(x, centres, nbhd))
+    line = f"1. grid {g}x{g}, 7x7 window: torch {t_ref:.2f} ms"
+    try:
+        attn.backend = "natten"
+        out = attn(x, centres, nbhd)
+        err = (out.float() - ref.float()).abs().max().item()
+        t_nat = run(lambda: attn(x, centres, nbhd))
+        fast = "compiled libnatten" if natten_fast_available() else "flex fallback (no libnatten)"
+        line += f", natten {t_nat:.2f} ms ({fast}), natten/torch {t_nat / t_ref:.2f}x, max |diff| {err:.1e}"
+    except Exception as e:  # natten missing or no kernel for this device
+        line += f", natten unavailable ({type(e).__name__})"
+    print(line)
+
+    n = args.tokens
+    centres = torch.rand(1, n, 2, device=device) * 512
+    x = torch.randn(1, n, args.dim, device=device, dtype=dtype)
+    nbhd = cluster_neighbourhood(centres, 4.0)
+    attn.backend = "torch"
+    ref = attn(x, centres, nbhd)
+    t_ref = run(lambda: attn(x, centres, nbhd))
+    line = f"2. {n} mixed tokens, clusters of 8, 48 keys: torch {t_ref:.2f} ms"
+    if xformers_available():
+        attn.backend = "xformers"
+        err = (attn(x, centres, nbhd).float() - ref.float()).abs().max().item()
+        t_x = run(lambda: attn(x, centres, nbhd))
+        line += f", xformers {t_x:.2f} ms, xformers/torch {t_x / t_ref:.2f}x, max |diff| {err:.1e}"
+    else:
+        line += ", xformers: no CUDA kernel here (not measured)"
+    print(line)
+
+    block = Block(args.dim, args.dim // 32, 4.0, 0.0).to(device, dtype).eval()
+    block.attn.backend = "torch"
+    t_block = run(lambda: block(x, centres, nbhd))
+    t_cluster = run(lambda: cluster_neighbourhood(centres, 4.0))
+    qkv = torch.randn(1, n, 2, 56, device=device, dtype=dtype)
+    t_gather = run(lambda: (_group_queries(qkv, nbhd), _rows(qkv, nbhd.key_index), _rows(qkv, nbhd.key_index)))
+    print(f"3. {n} tokens: one block {t_block:.2f} ms; clustering + kNN {t_cluster:.2f} ms "
+          f"(once per stage = {t_cluster / t_block:.2f} blocks); q/k/v gathers {t_gather:.2f} ms "
+          f"= {t_gather / t_block:.0%} of a block")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Training memory, the paper's protocol (Table 6): after 20 warm-up steps, the per-step peak
+allocated memory over 20 steps (counter reset and device synchronised each step), at 1024x1024,
+for batch 1/2/4/8; DUPS-Tiny with dynamic ratios (Cityscapes presets) and with full upsampling,
+side by side. GPU only (``--device cpu --size 128 --steps 2`` only checks that it runs).
+
+    .venv/bin/python benchmarks/memory.py [--batches 1 2 4 8] [--bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import RatioPolicy  # noqa: E402
+from model.criterion import SegmentationCriterion  # noqa: E402
+from model.segmentor import build_segmentor  # noqa: E402
+
+
+def labels_with_masks(batch: int, size: int, masks: int, device) -> torch.Tensor:
+    """Label maps with ``masks`` classes in vertical bands plus a disc (real boundaries)."""
+    lab = torch.zeros(batch, size, size, dtype=torch.long, device=device)
+    band = size // masks
+    for i in range(masks):
+        lab[:, :, i * band:(i + 1) * band] = i
+    yy, xx = torch.meshgrid(torch.arange(size, device=device), torch.arange(size, device=device), indexing="ij")
+    lab[:, (yy - size // 3) ** 2 + (xx - size // 2) ** 2 < (size // 8) ** 2] = masks - 1
+    return lab
+
+
+def measure(model, policy, batch, size, steps, warmup, device, bf16) -> tuple[float, float]:
+    crit = SegmentationCriterion(19).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = labels_with_masks(batch, size, 6, device)
+    peaks = []
+    for step in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            out = model(images, policy)
+            loss = crit(out.predictions, labels, out.records)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            if step >= warmup:
+                peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+    return (max(peaks), sum(peaks) / len(peaks)) if peaks else (float("nan"), float("nan"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        print("peak allocated memory is a CUDA measurement: run this on a GPU (CPU run checks the code only)")
+    print(f"{args.size}x{args.size}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"{'bf16' if args.bf16 else 'fp32'}; GiB max / mean of per-step peaks over {args.steps} steps")
+    print(f"{'batch':>6}{'dynamic max':>13}{'mean':>8}{'full max':>10}{'mean':>8}{'full/dyn':>10}")
+    for batch in args.batches:
+        row = []
+        for policy in (RatioPolicy.from_preset("dynamic", "cityscapes"), RatioPolicy("full")):
+            torch.manual_seed(0)
+            model = build_segmentor("dups_tiny", 19).to(device).train()
+            try:
+                row.append(measure(model, policy, batch, args.size, args.steps, args.warmup, device, args.bf16))
+            except torch.OutOfMemoryError:
+                row.append((float("inf"), float("inf")))
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        (dmax, dmean), (fmax, fmean) = row
+        print(f"{batch:>6}{dmax:>13.2f}{dmean:>8.2f}{fmax:>10.2f}{fmean:>8.2f}{fmax / dmax:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""DUPS-Tiny vs the peer Mask2Former with a Swin-T backbone (transformers, random weights):
+parameters, GFLOPs and latency on the same input, measured side by side in one run.
+
+    .venv/bin/python benchmarks/peer.py --image-size 512 --repeats 3 [--batch 1] [--bf16]
+
+DUPS runs with fixed-beta (ADE20K) and full upsampling (a dynamic ratio needs a trained score
+head; an untrained one splits almost everything). GFLOPs are multiply-adds
+(flop_counter total / 2), the papers' convention.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import RatioPolicy  # noqa: E402
+from model.segmentor import build_segmentor  # noqa: E402
+from pipeline.measure import FLOP_CONVENTION, count_gmacs, count_params  # noqa: E402
+
+
+def swin_t_mask2former(classes: int):
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    backbone = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=backbone, num_labels=classes))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--image-size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    peer = swin_t_mask2former(150).eval().to(device)
+    dups = build_segmentor("dups_tiny", 150).eval().to(device)
+    runs = {
+        "Mask2Former Swin-T": (peer, lambda: peer(pixel_values=image)),
+        "DUPS-Tiny fixed beta": (dups, lambda: dups(image, RatioPolicy.from_preset("fixed", "ade20k"))),
+        "DUPS-Tiny full": (dups, lambda: dups(image, RatioPolicy("full"))),
+    }
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    stats = {}
+    for name, (model, fn) in runs.items():
+        with torch.no_grad():
+            gmacs, _ = count_gmacs(fn)
+        timed(fn)  # warm-up
+        stats[name] = {"params": count_params(model) / 1e6, "gflops": gmacs / args.batch, "ms": []}
+    for _ in range(args.repeats):
+        for name, (_, fn) in runs.items():
+            stats[name]["ms"].append(timed(fn))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{args.image_size}x{args.image_size}, batch {args.batch}, {where}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, median of {args.repeats}; [{FLOP_CONVENTION}; per image]")
+    base = stats["Mask2Former Swin-T"]
+    base_ms = statistics.median(base["ms"])
+    print(f"{'model':<24}{'params M':>10}{'GFLOPs':>9}{'x peer':>8}{'ms':>10}{'x peer':>8}")
+    for name, s in stats.items():
+        ms = statistics.median(s["ms"])
+        print(f"{name:<24}{s['params']:>10.2f}{s['gflops']:>9.2f}{s['gflops'] / base['gflops']:>8.3f}"
+              f"{ms:>10.1f}{ms / base_ms:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
