@@ -34,10 +34,9 @@ def count_gmacs(fn, *args, **kwargs) -> tuple[float, object]:
 def policy_for(ratio: str, preset: str, random_ratio: float = 0.5) -> RatioPolicy:
     """CLI ratio names -> policies: full, fixed (beta_s), dynamic (eq. 1 at inference),
     random (``random_ratio`` of the tokens)."""
-    kinds = {"full": "full", "fixed": "fixed", "dynamic": "dynamic", "random": "random"}
-    if ratio not in kinds:
-        raise ValueError(f"unknown ratio {ratio!r}; choose one of {sorted(kinds)}")
-    return RatioPolicy.from_preset(kinds[ratio], preset, random_ratio=random_ratio)
+    if ratio not in ("full", "fixed", "dynamic", "random"):
+        raise ValueError(f"unknown ratio {ratio!r}; choose full, fixed, dynamic or random")
+    return RatioPolicy.from_preset(ratio, preset, random_ratio=random_ratio)
 
 
 @dataclass
