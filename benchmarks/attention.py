@@ -12,29 +12,21 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name, time_ms  # noqa: E402
 from model.attention import (NeighbourhoodAttention, _group_queries, _rows, cluster_neighbourhood,  # noqa: E402
                              grid_neighbourhood, natten_fast_available, xformers_available)
 from model.encoder import Block  # noqa: E402
 
 
 def timer(device, repeats):
+    """Median of ``repeats`` timed calls after one warm-up call."""
     def run(fn) -> float:
-        times = []
-        for _ in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times[1:])
+        return statistics.median([time_ms(fn, device) for _ in range(repeats + 1)][1:])
     return run
 
 
@@ -52,8 +44,7 @@ def main() -> None:
     run = timer(device, args.repeats)
     torch.manual_seed(0)
     attn = NeighbourhoodAttention(args.dim, args.dim // 32).to(device, dtype)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{where}, {dtype}, width {args.dim}, median of {args.repeats}")
+    print(f"{device_name(device)}, {dtype}, width {args.dim}, median of {args.repeats}")
 
     g = args.grid
     ys, xs = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")

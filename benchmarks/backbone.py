@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name, time_ms  # noqa: E402
 from model import RatioPolicy, build_encoder  # noqa: E402
 from model.segmentor import build_segmentor  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION, count_gmacs  # noqa: E402
@@ -56,15 +56,6 @@ def main() -> None:
             out = model(image, policy)
             return out.tokens_per_stage
 
-    def timed(policy) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(policy)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3
-
     stats = {}
     for name, pol in pols.items():
         gmacs, out = count_gmacs(run, pol)
@@ -72,12 +63,10 @@ def main() -> None:
         stats[name] = {"gflops": gmacs / args.batch, "tokens": out, "ms": []}
     for _ in range(args.repeats):
         for name, pol in pols.items():
-            stats[name]["ms"].append(timed(pol))
+            stats[name]["ms"].append(time_ms(run, device, pol))
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.model} {args.task}, {args.image_size}x{args.image_size}, batch {args.batch}, "
-          f"{device_name}, {'bf16' if args.bf16 else 'fp32'}, median of {args.repeats}")
+          f"{device_name(device)}, {'bf16' if args.bf16 else 'fp32'}, median of {args.repeats}")
     print(f"[{FLOP_CONVENTION}; per image]")
     print(f"{'policy':<24}{'GFLOPs':>9}{'x full':>8}{'ms':>10}{'x full':>8}  tokens per stage")
     full = stats["full"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name  # noqa: E402
 from model import RatioPolicy  # noqa: E402
 from model.criterion import SegmentationCriterion  # noqa: E402
 from model.segmentor import build_segmentor  # noqa: E402
@@ -65,7 +66,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type != "cuda":
         print("peak allocated memory is a CUDA measurement: run this on a GPU (CPU run checks the code only)")
-    print(f"{args.size}x{args.size}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+    print(f"{args.size}x{args.size}, {device_name(device)}, "
           f"{'bf16' if args.bf16 else 'fp32'}; GiB max / mean of per-step peaks over {args.steps} steps")
     print(f"{'batch':>6}{'dynamic max':>13}{'mean':>8}{'full max':>10}{'mean':>8}{'full/dyn':>10}")
     for batch in args.batches:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name, time_ms  # noqa: E402
 from model import RatioPolicy  # noqa: E402
 from model.segmentor import build_segmentor  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION, count_gmacs, count_params  # noqa: E402
@@ -51,14 +51,8 @@ def main() -> None:
     }
 
     def timed(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3
+            return time_ms(fn, device)
 
     stats = {}
     for name, (model, fn) in runs.items():
@@ -69,8 +63,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, (_, fn) in runs.items():
             stats[name]["ms"].append(timed(fn))
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{args.image_size}x{args.image_size}, batch {args.batch}, {where}, "
+    print(f"{args.image_size}x{args.image_size}, batch {args.batch}, {device_name(device)}, "
           f"{'bf16' if args.bf16 else 'fp32'}, median of {args.repeats}; [{FLOP_CONVENTION}; per image]")
     base = stats["Mask2Former Swin-T"]
     base_ms = statistics.median(base["ms"])
