@@ -128,10 +128,9 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
         raise FileNotFoundError(f"--resume: no checkpoint under {resume}")
     run_id = None
     if resume_from is None:  # a fresh run: its MLflow run exists before any worker starts
-        from pipeline.tracking import Tracker
+        from pipeline.tracking import config_tracker
 
-        tracker = Tracker(True, cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
-                          params=cfg.to_dict(), tags={"task": cfg.train.task, "model": cfg.model.name})
+        tracker = config_tracker(cfg)
         run_id = tracker.run_id
         tracker.mlflow.end_run(status="RUNNING")
     trainer = TorchTrainer(

@@ -1,23 +1,21 @@
 """`dups eval`: a checkpoint's weights on the validation split, in one process."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
 from model.ratios import RatioPolicy
 
-from . import augment
 from .checkpoints import model_state
 from .config import Config
 from .data import EvalStream, load_manifest, shards_of
 from .evaluate import evaluate, evaluate_classification
-from .tracking import Tracker
+from .tracking import config_tracker
 
 
 def run_eval(cfg: Config, checkpoint: str):
     """(printable report, EvalResult or classification metrics) of a checkpoint."""
-    from .train import _SegmentationEval, build_model
+    from .train import _ClassificationEval, _SegmentationEval, build_model
 
     model = build_model(cfg)
     state, where = model_state(checkpoint)
@@ -27,13 +25,11 @@ def run_eval(cfg: Config, checkpoint: str):
     shards = shards_of(val_root, manifest, "val")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    tracker = Tracker(True, cfg.tracking.uri, cfg.tracking.experiment, f"eval-{cfg.name}",
-                      params=cfg.to_dict(), tags={"checkpoint": where, "task": "eval"})
+    tracker = config_tracker(cfg, run_name=f"eval-{cfg.name}", tags={"checkpoint": where, "task": "eval"})
     try:
         if cfg.train.task == "pretrain":
             metrics = evaluate_classification(model, EvalStream(
-                shards, lambda s: augment.eval_classification(s, cfg.data.image_size), 0, 1,
-                cfg.data.max_eval_images), device)
+                shards, _ClassificationEval(cfg.data.image_size), 0, 1, cfg.data.max_eval_images), device)
             tracker.metrics(metrics, 0)
             return "\n".join(f"{k}: {v:.2f}" for k, v in metrics.items()), metrics
         policy = RatioPolicy.from_preset(cfg.upsampling.policy, cfg.upsampling.preset)
@@ -43,11 +39,7 @@ def run_eval(cfg: Config, checkpoint: str):
         tracker.metrics(res.metrics(), 0)
         table = res.table(manifest.get("classes", []))
         tracker.text(table, "eval/results.txt")
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            for i, fig in enumerate(res.pictures):
-                fig.save(Path(tmp) / f"tokens_{i}.png")
-                tracker.artifact(Path(tmp) / f"tokens_{i}.png", "pictures")
+        tracker.pictures(res.pictures, [f"tokens_{i}" for i in range(len(res.pictures))])
         return f"checkpoint {where}\n{table}", res
     finally:
         tracker.close()

@@ -39,6 +39,14 @@ def resolve_uri(uri: str = "") -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def config_tracker(cfg, run_id: str | None = None, run_name: str = "", tags: dict | None = None) -> "Tracker":
+    """The active tracker of a run of ``cfg`` (a pipeline Config): its store and experiment,
+    the resolved config as params, the task and model as tags."""
+    return Tracker(True, cfg.tracking.uri, cfg.tracking.experiment,
+                   run_name or cfg.tracking.run_name or cfg.name, run_id=run_id, params=cfg.to_dict(),
+                   tags={"task": cfg.train.task, "model": cfg.model.name, **(tags or {})})
+
+
 class Tracker:
     """Thin wrapper over an MLflow run; ``active=False`` makes every call a no-op."""
 
@@ -76,6 +84,12 @@ class Tracker:
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.active:
             self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def pictures(self, images, names: list[str]) -> None:
+        """PIL images as PNG artifacts ``pictures/<name>.png``."""
+        if self.active:
+            for image, name in zip(images, names):
+                self.mlflow.log_image(image, artifact_file=f"pictures/{name}.png")
 
     def text(self, text: str, name: str) -> None:
         if self.active:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.classifier import DUPSClassifier, build_classifier, load_backbone
+from model.classifier import build_classifier, load_backbone
 from model.criterion import CriterionConfig, SegmentationCriterion
 from model.ratios import RatioPolicy
 from model.segmentor import build_segmentor, oracle_maps
@@ -32,7 +31,7 @@ from .config import Config
 from .data import EvalStream, load_manifest, shards_of, train_loader
 from .engine import build_engine, device_for_rank, input_dtype
 from .optim import build_optimizer, set_lr
-from .tracking import Tracker
+from .tracking import Tracker, config_tracker
 
 log = logging.getLogger("dups.train")
 
@@ -113,9 +112,7 @@ class Trainer:
         self.manifest = load_manifest(cfg.data.train)
         run_id = None
         if self.rank == 0:
-            tracker = Tracker(True, cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
-                              run_id=client.get("mlflow_run_id") or hooks.run_id, params=cfg.to_dict(),
-                              tags={"task": cfg.train.task, "model": cfg.model.name})
+            tracker = config_tracker(cfg, run_id=client.get("mlflow_run_id") or hooks.run_id)
             run_id = tracker.run_id
         self.run_id = _broadcast(run_id)
         self.tracker = tracker if self.rank == 0 else Tracker(False, run_id=self.run_id)
@@ -248,11 +245,7 @@ class Trainer:
         res = evaluate(model, stream, cfg.model.num_classes, policy, cfg.eval, cfg.data.crop, self.device,
                        self.dtype, pictures=cfg.train.pictures if self.rank == 0 else 0)
         if self.rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                for i, fig in enumerate(res.pictures):
-                    path = Path(tmp) / f"tokens_step{self.step:08d}_{i}.png"
-                    fig.save(path)
-                    self.tracker.artifact(path, "pictures")
+            self.tracker.pictures(res.pictures, [f"tokens_step{self.step:08d}_{i}" for i in range(len(res.pictures))])
             self.tracker.text(res.table(manifest.get("classes", [])), f"eval/step{self.step:08d}.txt")
         return res.metrics()
 
