@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.storage import open_storage
+from data_prep.storage import S3Storage, open_storage
 
 MANIFEST = "manifest.json"
 
@@ -54,13 +54,8 @@ def shards_of(root: str, manifest: dict, split: str) -> list[Shard]:
 def open_stream(url: str):
     """A readable binary stream of a local file or an S3 object (boto3, endpoint from env)."""
     if url.startswith("s3://"):
-        import os
-
-        import boto3
-
-        bucket, _, key = url[5:].partition("/")
-        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-        return client.get_object(Bucket=bucket, Key=key)["Body"]
+        obj = S3Storage(url)
+        return obj.client.get_object(Bucket=obj.bucket, Key=obj.prefix)["Body"]
     return open(url, "rb")
 
 

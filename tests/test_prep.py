@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import prep_fixtures as fx
 from data_prep.job import prepare

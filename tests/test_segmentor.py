@@ -5,7 +5,6 @@ import torch
 from model import RatioPolicy
 from model.classifier import build_classifier, load_backbone
 from model.criterion import CriterionConfig, SegmentationCriterion
-from model.decoder import Prediction
 from model.decoder.densify import cover_index
 from model.edges import edge_scores, token_targets
 from model.segmentor import build_segmentor, oracle_maps, semantic_probabilities

@@ -4,7 +4,6 @@ import multiprocessing as mp
 import time
 
 import pytest
-import torch
 from mlflow import MlflowClient
 
 import train_helpers as th
