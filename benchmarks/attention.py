@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, time_ms  # noqa: E402
-from model.attention import (NeighbourhoodAttention, _group_queries, _rows, cluster_neighbourhood,  # noqa: E402
+from model.attention import (NeighbourhoodAttention, _groups, cluster_neighbourhood,  # noqa: E402
                              grid_neighbourhood, natten_fast_available, xformers_available)
 from model.encoder import Block  # noqa: E402
 
@@ -50,16 +50,16 @@ def main() -> None:
     ys, xs = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
     centres = (torch.stack([xs, ys], -1).reshape(1, g * g, 2).float() * 32 + 16).to(device)
     x = torch.randn(1, g * g, args.dim, device=device, dtype=dtype)
-    nbhd = grid_neighbourhood(1, g, g, 32.0, 7, device)
+    nbhd = grid_neighbourhood(centres, g, g, 32.0, 7)
     attn.backend = "torch"
-    ref = attn(x, centres, nbhd)
-    t_ref = run(lambda: attn(x, centres, nbhd))
+    ref = attn(x, nbhd)
+    t_ref = run(lambda: attn(x, nbhd))
     line = f"1. grid {g}x{g}, 7x7 window: torch {t_ref:.2f} ms"
     try:
         attn.backend = "natten"
-        out = attn(x, centres, nbhd)
+        out = attn(x, nbhd)
         err = (out.float() - ref.float()).abs().max().item()
-        t_nat = run(lambda: attn(x, centres, nbhd))
+        t_nat = run(lambda: attn(x, nbhd))
         fast = "compiled libnatten" if natten_fast_available() else "flex fallback (no libnatten)"
         line += f", natten {t_nat:.2f} ms ({fast}), natten/torch {t_nat / t_ref:.2f}x, max |diff| {err:.1e}"
     except Exception as e:  # natten missing or no kernel for this device
@@ -69,15 +69,15 @@ def main() -> None:
     n = args.tokens
     centres = torch.rand(1, n, 2, device=device) * 512
     x = torch.randn(1, n, args.dim, device=device, dtype=dtype)
-    nbhd = cluster_neighbourhood(centres, 4.0)
+    nbhd = cluster_neighbourhood(centres, 4.0, image_size=(512, 512))
     attn.backend = "torch"
-    ref = attn(x, centres, nbhd)
-    t_ref = run(lambda: attn(x, centres, nbhd))
+    ref = attn(x, nbhd)
+    t_ref = run(lambda: attn(x, nbhd))
     line = f"2. {n} mixed tokens, clusters of 8, 48 keys: torch {t_ref:.2f} ms"
     if xformers_available():
         attn.backend = "xformers"
-        err = (attn(x, centres, nbhd).float() - ref.float()).abs().max().item()
-        t_x = run(lambda: attn(x, centres, nbhd))
+        err = (attn(x, nbhd).float() - ref.float()).abs().max().item()
+        t_x = run(lambda: attn(x, nbhd))
         line += f", xformers {t_x:.2f} ms, xformers/torch {t_x / t_ref:.2f}x, max |diff| {err:.1e}"
     else:
         line += ", xformers: no CUDA kernel here (not measured)"
@@ -85,12 +85,14 @@ def main() -> None:
 
     block = Block(args.dim, args.dim // 32, 4.0, 0.0).to(device, dtype).eval()
     block.attn.backend = "torch"
-    t_block = run(lambda: block(x, centres, nbhd))
-    t_cluster = run(lambda: cluster_neighbourhood(centres, 4.0))
-    qkv = torch.randn(1, n, 2, 56, device=device, dtype=dtype)
-    t_gather = run(lambda: (_group_queries(qkv, nbhd), _rows(qkv, nbhd.key_index), _rows(qkv, nbhd.key_index)))
+    t_block = run(lambda: block(x, nbhd))
+    t_cluster = run(lambda: cluster_neighbourhood(centres, 4.0, image_size=(512, 512)))
+    heads, dq = args.dim // 32, 32 + 24
+    q = torch.randn(1, n, heads, dq, device=device, dtype=dtype)
+    kv = torch.randn(1, n, heads, dq + 32, device=device, dtype=dtype)
+    t_gather = run(lambda: _groups(q, kv, nbhd))
     print(f"3. {n} tokens: one block {t_block:.2f} ms; clustering + kNN {t_cluster:.2f} ms "
-          f"(once per stage = {t_cluster / t_block:.2f} blocks); q/k/v gathers {t_gather:.2f} ms "
+          f"(once per stage = {t_cluster / t_block:.2f} blocks); q and k/v gathers {t_gather:.2f} ms "
           f"= {t_gather / t_block:.0%} of a block")
 
 

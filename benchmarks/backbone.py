@@ -1,8 +1,11 @@
-"""Cost of full vs fixed-beta vs random-50% upsampling, measured side by side: the backbone
-(default) or the whole segmentation model (``--task segmentation``).
+"""Cost of full vs fixed-beta vs dynamic vs random-50% upsampling, measured side by side: the
+backbone (default) or the whole segmentation model (``--task segmentation``).
 
 Same weights, same input, policies interleaved round by round; prints GFLOPs (multiply-adds,
 flop_counter / 2), tokens per stage, median latency, and each policy's ratio to full.
+"dynamic (oracle)" is eq. 1 with the ground-truth edge fractions of a synthetic scene in
+place of a trained score head (Table 7's oracle): the token counts a well-trained head
+would give on an image with that much boundary.
 
     .venv/bin/python benchmarks/backbone.py --model dups_tiny --image-size 512 --repeats 5
     .venv/bin/python benchmarks/backbone.py --task segmentation
@@ -14,11 +17,14 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, time_ms  # noqa: E402
+from data_prep.synth import _palette, scene  # noqa: E402
 from model import RatioPolicy, build_encoder  # noqa: E402
+from model.edges import edge_scores  # noqa: E402
 from model.segmentor import build_segmentor  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION, count_gmacs  # noqa: E402
 
@@ -27,8 +33,17 @@ def policies(preset: str) -> dict[str, RatioPolicy]:
     return {
         "full": RatioPolicy("full"),
         f"fixed beta ({preset})": RatioPolicy.from_preset("fixed", preset),
+        "dynamic (oracle)": RatioPolicy.from_preset("per_image", preset),
         "random 50%": RatioPolicy("random", random_ratio=0.5),
     }
+
+
+def scene_oracle(size: int, batch: int, device) -> dict[int, torch.Tensor]:
+    """Edge fractions of ``batch`` copies of one synthetic scene's label map."""
+    rng = np.random.default_rng(0)
+    _, label = scene(rng, size, size, _palette(rng, 8))
+    maps = edge_scores(torch.from_numpy(label.astype(np.int64))[None])
+    return {s: m.expand(batch, -1, -1).to(device) for s, m in maps.items()}
 
 
 def main() -> None:
@@ -49,11 +64,13 @@ def main() -> None:
     model = model.eval().to(device)
     image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     pols = policies(args.preset)
+    oracle = scene_oracle(args.image_size, args.batch, device)
 
     def run(policy):
         torch.manual_seed(1)  # the same random selection every round
+        maps = oracle if policy.kind == "per_image" else None
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            out = model(image, policy)
+            out = model(image, policy, maps)
             return out.tokens_per_stage
 
     stats = {}

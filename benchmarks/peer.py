@@ -1,11 +1,12 @@
 """DUPS-Tiny vs the peer Mask2Former with a Swin-T backbone (transformers, random weights):
 parameters, GFLOPs and latency on the same input, measured side by side in one run.
 
-    .venv/bin/python benchmarks/peer.py --image-size 512 --repeats 3 [--batch 1] [--bf16]
+    .venv/bin/python benchmarks/peer.py --image-size 512 --repeats 3 [--batch 1] [--bf16] [--compile]
 
 DUPS runs with fixed-beta (ADE20K) and full upsampling (a dynamic ratio needs a trained score
 head; an untrained one splits almost everything). GFLOPs are multiply-adds
-(flop_counter total / 2), the papers' convention.
+(flop_counter total / 2), the papers' convention. ``--compile`` adds a column for each model
+under ``torch.compile`` (same inputs, timed after two compiling calls), or says why it failed.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -44,11 +46,18 @@ def main() -> None:
     image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     peer = swin_t_mask2former(150).eval().to(device)
     dups = build_segmentor("dups_tiny", 150).eval().to(device)
-    runs = {
-        "Mask2Former Swin-T": (peer, lambda: peer(pixel_values=image)),
-        "DUPS-Tiny fixed beta": (dups, lambda: dups(image, RatioPolicy.from_preset("fixed", "ade20k"))),
-        "DUPS-Tiny full": (dups, lambda: dups(image, RatioPolicy("full"))),
-    }
+    fixed, full = RatioPolicy.from_preset("fixed", "ade20k"), RatioPolicy("full")
+
+    def calls(peer, dups):
+        return {
+            "Mask2Former Swin-T": lambda: peer(pixel_values=image),
+            "DUPS-Tiny fixed beta": lambda: dups(image, fixed),
+            "DUPS-Tiny full": lambda: dups(image, full),
+        }
+
+    runs = {name: (model, fn) for (name, fn), model in
+            zip(calls(peer, dups).items(), (peer, dups, dups))}
+    compiled = calls(torch.compile(peer), torch.compile(dups)) if args.compile else {}
 
     def timed(fn) -> float:
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
@@ -59,19 +68,34 @@ def main() -> None:
         with torch.no_grad():
             gmacs, _ = count_gmacs(fn)
         timed(fn)  # warm-up
-        stats[name] = {"params": count_params(model) / 1e6, "gflops": gmacs / args.batch, "ms": []}
+        stats[name] = {"params": count_params(model) / 1e6, "gflops": gmacs / args.batch, "ms": [],
+                       "compiled": []}
+    for name, fn in list(compiled.items()):
+        try:
+            timed(fn), timed(fn)  # compiles (and recompiles once for the second policy)
+        except Exception as e:  # noqa: BLE001 - report, keep the eager figures
+            print(f"torch.compile failed for {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            del compiled[name]
     for _ in range(args.repeats):
         for name, (_, fn) in runs.items():
             stats[name]["ms"].append(timed(fn))
+            if name in compiled:
+                stats[name]["compiled"].append(timed(compiled[name]))
     print(f"{args.image_size}x{args.image_size}, batch {args.batch}, {device_name(device)}, "
           f"{'bf16' if args.bf16 else 'fp32'}, median of {args.repeats}; [{FLOP_CONVENTION}; per image]")
     base = stats["Mask2Former Swin-T"]
     base_ms = statistics.median(base["ms"])
-    print(f"{'model':<24}{'params M':>10}{'GFLOPs':>9}{'x peer':>8}{'ms':>10}{'x peer':>8}")
+    base_c = statistics.median(base["compiled"]) if base["compiled"] else None
+    print(f"{'model':<24}{'params M':>10}{'GFLOPs':>9}{'x peer':>8}{'ms':>10}{'x peer':>8}"
+          + (f"{'compiled ms':>13}{'x peer':>8}" if compiled else ""))
     for name, s in stats.items():
         ms = statistics.median(s["ms"])
-        print(f"{name:<24}{s['params']:>10.2f}{s['gflops']:>9.2f}{s['gflops'] / base['gflops']:>8.3f}"
-              f"{ms:>10.1f}{ms / base_ms:>8.3f}")
+        line = (f"{name:<24}{s['params']:>10.2f}{s['gflops']:>9.2f}{s['gflops'] / base['gflops']:>8.3f}"
+                f"{ms:>10.1f}{ms / base_ms:>8.3f}")
+        if s["compiled"]:
+            cms = statistics.median(s["compiled"])
+            line += f"{cms:>13.1f}" + (f"{cms / base_c:>8.3f}" if base_c else f"{'-':>8}")
+        print(line)
 
 
 if __name__ == "__main__":

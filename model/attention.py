@@ -32,22 +32,61 @@ BIAS_DIRECTIONS = 4
 _CDIST_CHUNK_ELEMENTS = 1 << 24
 
 
+@functools.lru_cache(maxsize=64)
+def bias_frequencies(unit: float, device=None, dtype=torch.float32) -> Tensor:
+    """Angular frequencies (F, 2) of the position-bias basis, in radians per pixel."""
+    angles = torch.arange(BIAS_DIRECTIONS, dtype=torch.float64) * (math.pi / BIAS_DIRECTIONS)
+    dirs = torch.stack([angles.cos(), angles.sin()], -1)
+    mags = torch.tensor([2 * math.pi / (w * unit) for w in BIAS_WAVELENGTHS], dtype=torch.float64)
+    return (mags[:, None, None] * dirs[None]).reshape(-1, 2).to(device, dtype)
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Positions in pixels need fp32 (or better) for their sines, whatever the autocast."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass
 class Neighbourhood:
-    """Who attends to whom, computed once per stage and shared by its blocks.
+    """Who attends to whom, and where everyone is: computed once per stage, shared by its
+    blocks, so a block issues no index arithmetic of its own.
 
     ``key_index`` (B, G, K): the keys of each query group. Grid mode: one group per token
     (G = N, in raster order) and ``grid = (H, W, kernel)``. Cluster mode: ``order`` (B, N)
     sorts tokens along the Hilbert curve and groups are consecutive runs of
     ``cluster_size`` sorted tokens (the last run padded by repeating its last token).
     ``unit`` is the stage's finest patch side in pixels (the position bias's length unit).
+    Derived in ``__post_init__``: the tokens' Fourier features ``[cos, sin](w . p)``
+    (B, N, 2F) for the position bias, and flat row indices (batch offsets folded in) for the
+    one-op gathers: ``key_rows`` (B*G*K), ``query_rows`` (B*G*M, cluster mode) and
+    ``inverse_rows`` (B*N, cluster mode: from group order back to row order).
     """
 
     key_index: Tensor
+    centres: Tensor
     unit: float
     order: Tensor | None = None
     cluster_size: int = 1
     grid: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        b, n = self.centres.shape[:2]
+        with torch.no_grad():
+            centres = _at_least_fp32(self.centres)
+            theta = centres @ bias_frequencies(self.unit, centres.device, centres.dtype).T
+            self.fourier = torch.cat([theta.cos(), theta.sin()], -1)  # (B, N, 2F)
+            batch = torch.arange(b, device=self.key_index.device)[:, None]
+            self.key_rows = (self.key_index + (batch * n)[..., None]).flatten()
+            self.query_rows = self.inverse_rows = None
+            if self.order is not None:
+                slots = self.key_index.shape[1] * self.cluster_size
+                order = torch.cat([self.order, self.order[:, -1:].expand(-1, slots - n)], 1)
+                self.query_rows = (order + batch * n).flatten()
+                self.inverse_rows = (torch.argsort(self.order, dim=1) + batch * slots).flatten()
+
+    @property
+    def groups(self) -> int:
+        return self.key_index.shape[1]
 
 
 def hilbert_index(x: Tensor, y: Tensor, bits: int = 16) -> Tensor:
@@ -68,13 +107,37 @@ def hilbert_index(x: Tensor, y: Tensor, bits: int = 16) -> Tensor:
     return d
 
 
+@functools.lru_cache(maxsize=64)
+def _hilbert_table(rows: int, cols: int, unit: float, device: torch.device) -> Tensor:
+    """Curve positions of the top-left pixels of a ``rows x cols`` grid of unit cells."""
+    ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return hilbert_index((xs * unit).floor(), (ys * unit).floor()).flatten().to(device)
+
+
+def hilbert_codes(centres: Tensor, unit: float, image_size: tuple[int, int] | None = None) -> Tensor:
+    """(B, N) Hilbert-curve positions of the unit cells holding ``centres`` (B, N, 2): the
+    16-bit pixel curve at each cell's top-left pixel, so cells keep the curve's order. With
+    ``image_size`` (H, W) the codes of all cells are computed once and looked up (one
+    kernel instead of ~300 per stage)."""
+    cells = (centres.detach() / unit).floor()
+    if image_size is None:
+        return hilbert_index((cells[..., 0] * unit).floor(), (cells[..., 1] * unit).floor())
+    rows, cols = (math.ceil(s / unit) for s in image_size)
+    table = _hilbert_table(rows, cols, float(unit), centres.device)
+    cx = cells[..., 0].long().clamp(0, cols - 1)
+    cy = cells[..., 1].long().clamp(0, rows - 1)
+    return table[cy * cols + cx]
+
+
 def cluster_neighbourhood(centres: Tensor, unit: float, cluster_size: int = 8,
-                          nbhd_size: int = 48) -> Neighbourhood:
-    """Hilbert-curve clusters and each cluster's ``nbhd_size`` nearest tokens."""
+                          nbhd_size: int = 48, image_size: tuple[int, int] | None = None
+                          ) -> Neighbourhood:
+    """Hilbert-curve clusters and each cluster's ``nbhd_size`` nearest tokens.
+    ``image_size`` (H, W), when known, makes the curve a table lookup."""
     b, n, _ = centres.shape
     with torch.no_grad():
-        code = hilbert_index(centres[..., 0].floor(), centres[..., 1].floor())
-        # Stable sort: tokens in the same integer cell keep their row order.
+        code = hilbert_codes(centres, unit, image_size)
+        # Stable sort: tokens in the same unit cell keep their row order.
         order = torch.sort(code, dim=1, stable=True).indices
         groups = -(-n // cluster_size)
         sorted_centres = centres.gather(1, order[..., None].expand(-1, -1, 2)).float()
@@ -92,33 +155,32 @@ def cluster_neighbourhood(centres: Tensor, unit: float, cluster_size: int = 8,
             torch.cdist(cluster_centres[:, i:i + chunk], centres.float())
             .topk(k, dim=-1, largest=False).indices
             for i in range(0, groups, chunk)], dim=1)
-    return Neighbourhood(key_index=key_index, unit=unit, order=order, cluster_size=cluster_size)
+    return Neighbourhood(key_index=key_index, centres=centres, unit=unit, order=order,
+                         cluster_size=cluster_size)
 
 
-def grid_neighbourhood(batch: int, height: int, width: int, unit: float, kernel: int = 7,
-                       device=None) -> Neighbourhood:
-    """natten's window neighbourhood on a raster-ordered ``height x width`` grid.
-
-    The kernel shrinks to the largest odd size that fits the grid."""
-    kernel = min(kernel, height, width)
-    kernel -= (kernel + 1) % 2
+@functools.lru_cache(maxsize=64)
+def _window_keys(height: int, width: int, kernel: int, device: torch.device) -> Tensor:
+    """(H*W, kernel^2) raster indices of natten's window around each cell."""
     def starts(length: int) -> Tensor:
-        i = torch.arange(length, device=device)
+        i = torch.arange(length)
         return (i - kernel // 2).clamp(0, length - kernel)
-    win = torch.arange(kernel, device=device)
+    win = torch.arange(kernel)
     rows = starts(height)[:, None] + win  # (H, k)
     cols = starts(width)[:, None] + win  # (W, k)
     idx = (rows[:, None, :, None] * width + cols[None, :, None, :])  # (H, W, k, k)
-    key_index = idx.reshape(1, height * width, kernel * kernel).expand(batch, -1, -1)
-    return Neighbourhood(key_index=key_index, unit=unit, grid=(height, width, kernel))
+    return idx.reshape(height * width, kernel * kernel).to(device)
 
 
-def _rows(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, N, ...) gathered at index (B, ...) along N."""
-    b = x.shape[0]
-    flat = x.reshape(b * x.shape[1], *x.shape[2:])
-    offset = torch.arange(b, device=x.device).view(b, *([1] * (index.dim() - 1))) * x.shape[1]
-    return flat[index + offset]
+def grid_neighbourhood(centres: Tensor, height: int, width: int, unit: float,
+                       kernel: int = 7) -> Neighbourhood:
+    """natten's window neighbourhood on a raster-ordered ``height x width`` grid of tokens
+    at ``centres`` (B, H*W, 2). The kernel shrinks to the largest odd size that fits."""
+    kernel = min(kernel, height, width)
+    kernel -= (kernel + 1) % 2
+    keys = _window_keys(height, width, kernel, centres.device)
+    return Neighbourhood(key_index=keys.expand(centres.shape[0], -1, -1), centres=centres,
+                         unit=unit, grid=(height, width, kernel))
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,56 +224,58 @@ def resolve_backend(backend: str, nbhd: Neighbourhood) -> str:
     return "torch"
 
 
-def _group_queries(q: Tensor, nbhd: Neighbourhood) -> Tensor:
-    """(B, N, h, d) -> (B, G, M, h, d): queries in their groups."""
-    if nbhd.order is None:  # grid mode: one query per group, raster order
-        return q.unsqueeze(2)
-    b, n = q.shape[:2]
-    qs = _rows(q, nbhd.order)
-    pad = nbhd.key_index.shape[1] * nbhd.cluster_size - n
-    if pad:
-        qs = torch.cat([qs, qs[:, -1:].expand(-1, pad, -1, -1)], 1)
-    return qs.view(b, -1, nbhd.cluster_size, *q.shape[2:])
+def _groups(q: Tensor, kv: Tensor, nbhd: Neighbourhood) -> tuple[Tensor, Tensor]:
+    """One gather each: queries (B, G, M, h, dq) and keys+values (B, G, K, h, dq+dv)."""
+    b, n, h = q.shape[:3]
+    if nbhd.query_rows is None:  # grid mode: one query per group, raster order
+        qg = q.unsqueeze(2)
+    else:
+        qg = q.reshape(b * n, h, -1)[nbhd.query_rows].view(b, nbhd.groups, -1, h, q.shape[-1])
+    kvg = kv.reshape(b * n, h, -1)[nbhd.key_rows].view(b, nbhd.groups, -1, h, kv.shape[-1])
+    return qg, kvg
 
 
-def _ungroup(out: Tensor, nbhd: Neighbourhood, n: int) -> Tensor:
-    """(B, G*M, h, d) in group order -> (B, N, h, d) in row order (padding dropped)."""
-    if nbhd.order is None:
-        return out
-    return _rows(out[:, :n], torch.argsort(nbhd.order, dim=1))
+def _rows_in_order(out: Tensor, nbhd: Neighbourhood, n: int) -> Tensor:
+    """(B, G, M, h, dv) in group order -> (B, N, h, dv) in row order (padding dropped)."""
+    b, h, dv = out.shape[0], out.shape[-2], out.shape[-1]
+    if nbhd.inverse_rows is None:
+        return out.reshape(b, n, h, dv)
+    return out.reshape(-1, h, dv)[nbhd.inverse_rows].view(b, n, h, dv)
 
 
-def attend_torch(q: Tensor, k: Tensor, v: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
-    """Reference path: gather each group's queries and keys, then SDPA. (B, N, h, d) in/out."""
-    b, n, h, _ = q.shape
-    qg = _group_queries(q, nbhd)
-    kg, vg = _rows(k, nbhd.key_index), _rows(v, nbhd.key_index)  # (B, G, K, h, d)
+def attend_torch(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
+    """Reference path: gather each group's queries and keys/values, then SDPA.
+    ``q`` (B, N, h, dq), ``kv`` (B, N, h, dq + dv) -> (B, N, h, dv)."""
+    dq = q.shape[-1]
+    qg, kvg = _groups(q, kv, nbhd)
+    kg, vg = kvg[..., :dq], kvg[..., dq:]
     out = F.scaled_dot_product_attention(
         qg.transpose(2, 3), kg.transpose(2, 3), vg.transpose(2, 3), scale=scale)
-    return _ungroup(out.transpose(2, 3).reshape(b, -1, h, v.shape[-1]), nbhd, n)
+    return _rows_in_order(out.transpose(2, 3), nbhd, q.shape[1])
 
 
-def attend_xformers(q: Tensor, k: Tensor, v: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
+def attend_xformers(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
     """Same groups as the reference, through xformers' memory-efficient kernel (CUDA)."""
     import xformers.ops as xops
     b, n, h, dq = q.shape
-    qg = _group_queries(q, nbhd)
+    qg, kvg = _groups(q, kv, nbhd)
     g, m = qg.shape[1], qg.shape[2]
-    kg, vg = _rows(k, nbhd.key_index), _rows(v, nbhd.key_index)
-    dv = v.shape[-1]
+    kg, vg = kvg[..., :dq], kvg[..., dq:]
+    dv = vg.shape[-1]
     if dv != dq:  # the kernel wants one head size: pad values with zeros
         vg = F.pad(vg, (0, dq - dv))
     out = xops.memory_efficient_attention(
         qg.reshape(b * g, m, h, dq), kg.reshape(b * g, -1, h, dq),
         vg.reshape(b * g, -1, h, dq), scale=scale)[..., :dv]
-    return _ungroup(out.reshape(b, g * m, h, dv), nbhd, n)
+    return _rows_in_order(out.reshape(b, g, m, h, dv), nbhd, n)
 
 
-def attend_natten(q: Tensor, k: Tensor, v: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
+def attend_natten(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
     """natten's 2-D neighbourhood attention on the raster grid (grid mode only)."""
     from natten import na2d
     b, n, h, dq = q.shape
     height, width, kernel = nbhd.grid
+    k, v = kv[..., :dq], kv[..., dq:]
     dv = v.shape[-1]
     # natten wants one head size, a power of two: zero channels change no dot product.
     size = 1 << (dq - 1).bit_length()
@@ -219,11 +283,6 @@ def attend_natten(q: Tensor, k: Tensor, v: Tensor, nbhd: Neighbourhood, scale: f
                for t in (q, k, v))
     out = na2d(q, k, v, kernel_size=kernel, scale=scale)
     return out.reshape(b, n, h, size)[..., :dv]
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    """Positions in pixels need fp32 (or better) for their sines, whatever the autocast."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 _ATTEND = {"torch": attend_torch, "xformers": attend_xformers, "natten": attend_natten}
@@ -247,35 +306,23 @@ class NeighbourhoodAttention(nn.Module):
         nn.init.trunc_normal_(self.bias_sin, std=0.02)
         self.backend = "auto"
 
-    @staticmethod
-    def frequencies(unit: float, device=None) -> Tensor:
-        """Angular frequencies (F, 2) of the bias basis, in radians per pixel."""
-        angles = torch.arange(BIAS_DIRECTIONS, device=device) * (math.pi / BIAS_DIRECTIONS)
-        dirs = torch.stack([angles.cos(), angles.sin()], -1)
-        mags = torch.tensor([2 * math.pi / (w * unit) for w in BIAS_WAVELENGTHS], device=device)
-        return (mags[:, None, None] * dirs[None]).reshape(-1, 2)
-
     def position_bias(self, offsets: Tensor, unit: float) -> Tensor:
         """bias (..., heads) for key-minus-query offsets (..., 2) in pixels."""
         offsets = _at_least_fp32(offsets)
-        theta = offsets @ self.frequencies(unit, offsets.device).to(offsets.dtype).T  # (..., F)
+        theta = offsets @ bias_frequencies(unit, offsets.device, offsets.dtype).T  # (..., F)
         return theta.cos() @ self.bias_cos.T + theta.sin() @ self.bias_sin.T
 
-    def _bias_channels(self, centres: Tensor, unit: float, scale: float):
-        centres = _at_least_fp32(centres)
-        theta = centres @ self.frequencies(unit, centres.device).to(centres.dtype).T  # (B, N, F)
-        cos, sin = theta.cos()[:, :, None], theta.sin()[:, :, None]  # (B, N, 1, F)
-        a, b = self.bias_cos, self.bias_sin  # (h, F)
-        q_extra = torch.cat([a * cos - b * sin, a * sin + b * cos], -1) / scale
-        k_extra = torch.cat([cos, sin], -1).expand(-1, -1, self.heads, -1)
-        return q_extra, k_extra
-
-    def forward(self, x: Tensor, centres: Tensor, nbhd: Neighbourhood) -> Tensor:
+    def forward(self, x: Tensor, nbhd: Neighbourhood) -> Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
         scale = self.head_dim ** -0.5
-        q_extra, k_extra = self._bias_channels(centres, nbhd.unit, scale)
+        # The bias as extra channels: q gets a cos(w.pq) - b sin(w.pq) | a sin + b cos,
+        # k gets cos(w.pk) | sin(w.pk); their product is sum a cos(w.d) + b sin(w.d).
+        u = nbhd.fourier[:, :, None]  # (B, N, 1, 2F)
+        cos, sin = u.chunk(2, -1)
+        a, c = self.bias_cos / scale, self.bias_sin / scale  # (h, F)
+        q_extra = torch.cat([a * cos - c * sin, a * sin + c * cos], -1)
         q = torch.cat([q, q_extra.to(q.dtype)], -1)
-        k = torch.cat([k, k_extra.to(k.dtype)], -1)
-        out = _ATTEND[resolve_backend(self.backend, nbhd)](q, k, v, nbhd, scale)
+        kv = torch.cat([k, u.expand(-1, -1, self.heads, -1).to(k.dtype), v], -1)
+        out = _ATTEND[resolve_backend(self.backend, nbhd)](q, kv, nbhd, scale)
         return self.proj(out.reshape(b, n, -1))

@@ -33,15 +33,15 @@ class Block(nn.Module):
         self.mlp = mlp(dim, int(dim * mlp_ratio), dim, layers=2)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, centres: Tensor, nbhd: Neighbourhood) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), centres, nbhd))
+    def forward(self, x: Tensor, nbhd: Neighbourhood) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), nbhd))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class Stage(nn.ModuleList):
-    def forward(self, x: Tensor, centres: Tensor, nbhd: Neighbourhood) -> Tensor:
+    def forward(self, x: Tensor, nbhd: Neighbourhood) -> Tensor:
         for block in self:
-            x = block(x, centres, nbhd)
+            x = block(x, nbhd)
         return x
 
 
@@ -134,12 +134,12 @@ class DUPSEncoder(nn.Module):
                 records.append(rec)
                 tokens = tokens.with_features(self.widen_up[i - 1](tokens.features))
             if i == 0:
-                nbhd = grid_neighbourhood(b, h // 32, w // 32, 32.0, self.cfg.grid_kernel,
-                                          images.device)
+                nbhd = grid_neighbourhood(tokens.centres, h // 32, w // 32, 32.0,
+                                          self.cfg.grid_kernel)
             else:
                 nbhd = cluster_neighbourhood(tokens.centres, float(STAGE_PATCH_SIZES[i]),
-                                             self.cfg.cluster_size, self.cfg.nbhd_size)
-            tokens = tokens.with_features(self.left[i](tokens.features, tokens.centres, nbhd))
+                                             self.cfg.cluster_size, self.cfg.nbhd_size, (h, w))
+            tokens = tokens.with_features(self.left[i](tokens.features, nbhd))
             nbhds.append(nbhd)
             left_out.append(tokens.features)
         levels = [self._level(3, tokens, tokens.features)]
@@ -148,7 +148,7 @@ class DUPSEncoder(nn.Module):
             if self.cfg.unet:
                 end = tokens.offsets[i]
                 x = self.widen_down[i](x[:, :end]) + left_out[i]
-                x = self.right[i](x, tokens.centres[:, :end], nbhds[i])
+                x = self.right[i](x, nbhds[i])
             else:
                 x = left_out[i]
             levels.append(self._level(i, tokens, x))

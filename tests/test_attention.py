@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.attention import (NeighbourhoodAttention, cluster_neighbourhood, grid_neighbourhood,
-                             hilbert_index, xformers_available)
+from model.attention import (NeighbourhoodAttention, bias_frequencies, cluster_neighbourhood,
+                             grid_neighbourhood, hilbert_codes, hilbert_index, xformers_available)
 
 
 def hilbert_xy2d(n: int, x: int, y: int) -> int:
@@ -38,10 +38,11 @@ def test_hilbert_matches_textbook_and_is_a_bijection():
                for c in range(255))
 
 
-def cluster_mask(centres: np.ndarray, m: int, k: int) -> np.ndarray:
-    """(N, N) bool: query i may attend key j. Independent of model.attention."""
+def cluster_mask(centres: np.ndarray, m: int, k: int, unit: float) -> np.ndarray:
+    """(N, N) bool: query i may attend key j. Independent of model.attention: tokens sorted
+    by the curve position of their unit cell's top-left pixel, ties in row order."""
     n = len(centres)
-    codes = [hilbert_xy2d(1 << 16, int(math.floor(cx)), int(math.floor(cy)))
+    codes = [hilbert_xy2d(1 << 16, int(math.floor(cx / unit) * unit), int(math.floor(cy / unit) * unit))
              for cx, cy in centres]
     order = sorted(range(n), key=lambda i: (codes[i], i))
     mask = np.zeros((n, n), dtype=bool)
@@ -76,7 +77,7 @@ def dense_reference(attn: NeighbourhoodAttention, x, centres, mask, unit):
     logits = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, h, N, N)
     offsets = centres[:, None, :, :] - centres[:, :, None, :]  # key - query
     a, bb = attn.bias_cos.detach(), attn.bias_sin.detach()
-    omega = attn.frequencies(unit).to(centres.dtype)
+    omega = bias_frequencies(unit, dtype=centres.dtype)
     theta = torch.einsum("bqkc,fc->bqkf", offsets, omega)
     bias = torch.einsum("bqkf,hf->bhqk", theta.cos(), a) + torch.einsum("bqkf,hf->bhqk", theta.sin(), bb)
     logits = logits + bias + torch.where(torch.as_tensor(mask), 0.0, -math.inf)
@@ -100,8 +101,8 @@ def test_cluster_attention_equals_brute_force(attn):
     centres = torch.rand(1, n, 2, dtype=torch.float64) * 200
     x = torch.randn(1, n, 32, dtype=torch.float64)
     nbhd = cluster_neighbourhood(centres, unit=8.0, cluster_size=m, nbhd_size=k)
-    mask = cluster_mask(centres[0].numpy(), m, k)
-    got = attn(x, centres, nbhd)
+    mask = cluster_mask(centres[0].numpy(), m, k, 8.0)
+    got = attn(x, nbhd)
     want = dense_reference(attn, x, centres, mask, 8.0)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
@@ -111,9 +112,9 @@ def test_cluster_attention_batches_are_independent(attn):
     centres = torch.rand(2, 30, 2, dtype=torch.float64) * 100
     x = torch.randn(2, 30, 32, dtype=torch.float64)
     nbhd = cluster_neighbourhood(centres, unit=4.0, cluster_size=4, nbhd_size=10)
-    got = attn(x, centres, nbhd)
+    got = attn(x, nbhd)
     for i in range(2):
-        mask = cluster_mask(centres[i].numpy(), 4, 10)
+        mask = cluster_mask(centres[i].numpy(), 4, 10, 4.0)
         want = dense_reference(attn, x[i:i + 1], centres[i:i + 1], mask, 4.0)
         torch.testing.assert_close(got[i:i + 1], want, rtol=1e-9, atol=1e-9)
 
@@ -129,8 +130,8 @@ def test_grid_attention_equals_brute_force(attn):
     torch.manual_seed(3)
     h, w, kernel = 6, 9, 5
     x, centres = grid_inputs(h, w)
-    nbhd = grid_neighbourhood(1, h, w, unit=32.0, kernel=kernel)
-    got = attn(x, centres, nbhd)
+    nbhd = grid_neighbourhood(centres, h, w, unit=32.0, kernel=kernel)
+    got = attn(x, nbhd)
     want = dense_reference(attn, x, centres, window_mask(h, w, kernel), 32.0)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
@@ -141,11 +142,11 @@ def test_natten_equals_reference_on_a_grid(attn):
     torch.manual_seed(4)
     module = attn.float()
     x, centres = grid_inputs(6, 7, dtype=torch.float32)
-    nbhd = grid_neighbourhood(1, 6, 7, unit=32.0, kernel=5)
+    nbhd = grid_neighbourhood(centres, 6, 7, unit=32.0, kernel=5)
     module.backend = "torch"
-    want = module(x, centres, nbhd)
+    want = module(x, nbhd)
     module.backend = "natten"
-    got = module(x, centres, nbhd)
+    got = module(x, nbhd)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -157,17 +158,17 @@ def test_xformers_equals_reference_on_gpu(attn):
     x = torch.randn(2, 300, 32, device="cuda")
     nbhd = cluster_neighbourhood(centres, unit=8.0)
     module.backend = "torch"
-    want = module(x, centres, nbhd)
+    want = module(x, nbhd)
     module.backend = "xformers"
-    got = module(x, centres, nbhd)
+    got = module(x, nbhd)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
 
 
 def test_bias_parameters_learn(attn):
     torch.manual_seed(6)
     x, centres = grid_inputs(4, 4)
-    nbhd = grid_neighbourhood(1, 4, 4, unit=32.0, kernel=3)
-    attn(x, centres, nbhd).square().sum().backward()
+    nbhd = grid_neighbourhood(centres, 4, 4, unit=32.0, kernel=3)
+    attn(x, nbhd).square().sum().backward()
     assert attn.bias_cos.grad.abs().sum() > 0 and attn.bias_sin.grad.abs().sum() > 0
 
 
@@ -175,7 +176,20 @@ def test_unknown_backend_is_a_clear_error(attn):
     x, centres = grid_inputs(4, 4)
     attn.backend = "flash9000"
     with pytest.raises(ValueError, match="unknown attention backend 'flash9000'"):
-        attn(x, centres, grid_neighbourhood(1, 4, 4, 32.0, 3))
+        attn(x, grid_neighbourhood(centres, 4, 4, 32.0, 3))
     attn.backend = "natten"
     with pytest.raises(ValueError, match="full regular grid"):
-        attn(x, centres, cluster_neighbourhood(centres, 32.0, 4, 8))
+        attn(x, cluster_neighbourhood(centres, 32.0, 4, 8))
+
+
+def test_hilbert_table_lookup_equals_direct_codes():
+    """The cached per-cell table (used when the image size is known) gives the same codes
+    as evaluating the curve per token, for tokens of several patch sides."""
+    torch.manual_seed(7)
+    for unit in (4.0, 8.0, 32.0):
+        sides = torch.tensor([unit, 2 * unit, 4 * unit])[torch.randint(0, 3, (2, 500))]
+        cells = torch.randint(0, 24, (2, 500, 2)).float()
+        centres = (cells * sides[..., None] + sides[..., None] / 2).clamp(max=384 - 1)
+        direct = hilbert_codes(centres, unit)
+        looked_up = hilbert_codes(centres, unit, image_size=(384, 416))
+        assert torch.equal(direct, looked_up)

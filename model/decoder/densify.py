@@ -33,8 +33,12 @@ def cover_index(centres: list[Tensor], patches: list[int], stride: int, height: 
         cells = (rows * gw + cols).flatten(1)
         ids = torch.arange(starts[lvl], starts[lvl + 1], device=canvas.device)
         canvas.scatter_(1, cells, ids[None, :, None].expand(b, -1, r * r).reshape(b, -1))
-    if (canvas < 0).any():
-        raise ValueError(f"the tokens leave part of the {gh}x{gw} stride-{stride} grid uncovered")
+    uncovered = (canvas < 0).any()
+    message = f"the tokens leave part of the {gh}x{gw} stride-{stride} grid uncovered"
+    if canvas.is_cuda:  # checked on the device: no host sync in the forward pass
+        torch._assert_async(~uncovered, message)
+    elif uncovered:
+        raise ValueError(message)
     return canvas
 
 

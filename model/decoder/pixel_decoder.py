@@ -55,8 +55,8 @@ class PointPixelDecoder(nn.Module):
         centres = torch.cat([lv.centres for lv in coarse], 1)
         x = x + self.pos(centres).to(x.dtype)
         nbhd = cluster_neighbourhood(centres, float(coarse[0].patch), self.cluster_size,
-                                     self.nbhd_size)
-        x = self.layers(x, centres, nbhd)
+                                     self.nbhd_size, (height, width))
+        x = self.layers(x, nbhd)
         coarse_feats = list(x.split([lv.features.shape[1] for lv in coarse], 1))
         coarse_centres = [lv.centres for lv in coarse]
         coarse_patches = [lv.patch for lv in coarse]
