@@ -30,6 +30,11 @@ BACKENDS = ("auto", "torch", "natten", "xformers")
 BIAS_WAVELENGTHS = (4.0, 16.0, 64.0)
 BIAS_DIRECTIONS = 4
 _CDIST_CHUNK_ELEMENTS = 1 << 24
+# Clusters whose tokens are the candidates of a cluster's key search (16 x 8 = 128 for 48 keys).
+# On DUPS-Tiny's stage token sets at 512x512 the keys equal the exact nearest 48 (up to ties)
+# for 100% of clusters with full upsampling and 96-99.5% with fixed or random ratios; 12
+# clusters gave 91-99%. BENCHMARKS.md, section 3.
+CANDIDATE_CLUSTERS = 16
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,34 +134,51 @@ def hilbert_codes(centres: Tensor, unit: float, image_size: tuple[int, int] | No
     return table[cy * cols + cx]
 
 
+def _nearest(queries: Tensor, points: Tensor, k: int) -> Tensor:
+    """(B, Q, k) indices of the ``k`` points (B, P, 2) nearest to each query (B, Q, 2),
+    in chunks of queries so the distance matrix stays small."""
+    b, p = points.shape[:2]
+    chunk = max(1, _CDIST_CHUNK_ELEMENTS // max(1, b * p))
+    return torch.cat([torch.cdist(queries[:, i:i + chunk], points).topk(k, dim=-1, largest=False).indices
+                      for i in range(0, queries.shape[1], chunk)], dim=1)
+
+
 def cluster_neighbourhood(centres: Tensor, unit: float, cluster_size: int = 8,
-                          nbhd_size: int = 48, image_size: tuple[int, int] | None = None
-                          ) -> Neighbourhood:
+                          nbhd_size: int = 48, image_size: tuple[int, int] | None = None,
+                          candidate_clusters: int = CANDIDATE_CLUSTERS) -> Neighbourhood:
     """Hilbert-curve clusters and each cluster's ``nbhd_size`` nearest tokens.
+
+    The search is two-level so it stays cheap at 10^5 tokens: each cluster's
+    ``candidate_clusters`` nearest clusters (by mean centre; a G x G search, not G x N) supply
+    the candidates, and the nearest ``nbhd_size`` of their tokens are the keys. With no more
+    clusters than that, every token is a candidate and the search is exact.
     ``image_size`` (H, W), when known, makes the curve a table lookup."""
     b, n, _ = centres.shape
+    m = cluster_size
     with torch.no_grad():
         code = hilbert_codes(centres, unit, image_size)
         # Stable sort: tokens in the same unit cell keep their row order.
         order = torch.sort(code, dim=1, stable=True).indices
-        groups = -(-n // cluster_size)
-        sorted_centres = centres.gather(1, order[..., None].expand(-1, -1, 2)).float()
-        pad = groups * cluster_size - n
-        member = torch.ones(b, n, 1, device=centres.device)
-        if pad:
-            sorted_centres = torch.cat([sorted_centres, sorted_centres[:, -1:].expand(-1, pad, -1)], 1)
-            member = torch.cat([member, member.new_zeros(b, pad, 1)], 1)
-        sorted_centres = sorted_centres.view(b, groups, cluster_size, 2)
-        member = member.view(b, groups, cluster_size, 1)
-        cluster_centres = (sorted_centres * member).sum(2) / member.sum(2)
+        groups = -(-n // m)
+        pad = groups * m - n
+        padded_order = torch.cat([order, order[:, -1:].expand(-1, pad)], 1)
+        points = centres.float()
+        slot_centres = points.gather(1, padded_order[..., None].expand(-1, -1, 2))
+        real = (torch.arange(groups * m, device=centres.device) < n).view(groups, m, 1)
+        cluster_centres = ((slot_centres.view(b, groups, m, 2) * real).sum(2) / real.sum(1))
         k = min(nbhd_size, n)
-        chunk = max(1, _CDIST_CHUNK_ELEMENTS // max(1, b * n))
-        key_index = torch.cat([
-            torch.cdist(cluster_centres[:, i:i + chunk], centres.float())
-            .topk(k, dim=-1, largest=False).indices
-            for i in range(0, groups, chunk)], dim=1)
+        if groups <= candidate_clusters:
+            key_index = _nearest(cluster_centres, points, k)
+        else:
+            near = _nearest(cluster_centres, cluster_centres, candidate_clusters)  # (B, G, C)
+            slots = (near[..., None] * m + torch.arange(m, device=centres.device)).flatten(2)
+            cand = padded_order.gather(1, slots.flatten(1)).view_as(slots)  # (B, G, C*M) tokens
+            dist = (points.gather(1, cand.flatten(1)[..., None].expand(-1, -1, 2)).view(*cand.shape, 2)
+                    - cluster_centres[:, :, None]).square().sum(-1)
+            dist = dist.masked_fill(slots >= n, float("inf"))  # padding repeats a token
+            key_index = cand.gather(2, dist.topk(k, dim=-1, largest=False).indices)
     return Neighbourhood(key_index=key_index, centres=centres, unit=unit, order=order,
-                         cluster_size=cluster_size)
+                         cluster_size=m)
 
 
 @functools.lru_cache(maxsize=64)
