@@ -2,7 +2,10 @@
 
 Tokens are ordered along a Hilbert curve by their centres and cut into clusters of
 ``cluster_size``; every query of a cluster attends to the ``nbhd_size`` tokens nearest to
-the cluster's mean centre, whatever their scale. On a full regular grid (stage 1, dense
+the cluster's mean centre, whatever their scale (searched among the tokens of the
+``CANDIDATE_CLUSTERS`` nearest clusters, so the search is not quadratic in the token count).
+Everything positional is computed once per stage (``Neighbourhood``) so that a block issues
+only its matmuls, two gathers and one attention call. On a full regular grid (stage 1, dense
 baselines) the neighbourhood is natten's: a ``kernel x kernel`` window around each query,
 shifted inwards at the borders.
 
