@@ -54,6 +54,11 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _padded(order: Tensor, slots: int) -> Tensor:
+    """(B, N) order -> (B, slots): the last cluster filled up by repeating its last token."""
+    return torch.cat([order, order[:, -1:].expand(-1, slots - order.shape[1])], 1)
+
+
 @dataclass
 class Neighbourhood:
     """Who attends to whom, and where everyone is: computed once per stage, shared by its
@@ -88,8 +93,7 @@ class Neighbourhood:
             self.query_rows = self.inverse_rows = None
             if self.order is not None:
                 slots = self.key_index.shape[1] * self.cluster_size
-                order = torch.cat([self.order, self.order[:, -1:].expand(-1, slots - n)], 1)
-                self.query_rows = (order + batch * n).flatten()
+                self.query_rows = (_padded(self.order, slots) + batch * n).flatten()
                 self.inverse_rows = (torch.argsort(self.order, dim=1) + batch * slots).flatten()
 
     @property
@@ -163,8 +167,7 @@ def cluster_neighbourhood(centres: Tensor, unit: float, cluster_size: int = 8,
         # Stable sort: tokens in the same unit cell keep their row order.
         order = torch.sort(code, dim=1, stable=True).indices
         groups = -(-n // m)
-        pad = groups * m - n
-        padded_order = torch.cat([order, order[:, -1:].expand(-1, pad)], 1)
+        padded_order = _padded(order, groups * m)
         points = centres.float()
         slot_centres = points.gather(1, padded_order[..., None].expand(-1, -1, 2))
         real = (torch.arange(groups * m, device=centres.device) < n).view(groups, m, 1)
@@ -330,12 +333,6 @@ class NeighbourhoodAttention(nn.Module):
         nn.init.trunc_normal_(self.bias_cos, std=0.02)
         nn.init.trunc_normal_(self.bias_sin, std=0.02)
         self.backend = "auto"
-
-    def position_bias(self, offsets: Tensor, unit: float) -> Tensor:
-        """bias (..., heads) for key-minus-query offsets (..., 2) in pixels."""
-        offsets = _at_least_fp32(offsets)
-        theta = offsets @ bias_frequencies(unit, offsets.device, offsets.dtype).T  # (..., F)
-        return theta.cos() @ self.bias_cos.T + theta.sin() @ self.bias_sin.T
 
     def forward(self, x: Tensor, nbhd: Neighbourhood) -> Tensor:
         b, n, _ = x.shape
