@@ -39,8 +39,10 @@ def _frac(x: float | Fraction) -> Fraction:
 
 
 def budget(n: int, gamma: float | Fraction) -> int:
-    """K = floor(N * gamma), computed exactly."""
-    return math.floor(n * _frac(gamma))
+    """K = floor(N * gamma), computed exactly (in integers, so ``n`` may be a traced size
+    under torch.compile)."""
+    g = _frac(gamma)
+    return n * g.numerator // g.denominator
 
 
 def image_ratios(scores: Tensor, tau: float) -> list[Fraction]:

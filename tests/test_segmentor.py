@@ -1,11 +1,12 @@
 """Segmentation and classification models: sizes, shapes, sparse->dense, and that they learn."""
+import numpy as np
 import pytest
 import torch
 
 from model import RatioPolicy
 from model.classifier import build_classifier, load_backbone
 from model.criterion import CriterionConfig, SegmentationCriterion
-from model.decoder.densify import cover_index
+from model.decoder.densify import cover_pyramid
 from model.edges import edge_scores, token_targets
 from model.segmentor import build_segmentor, oracle_maps, semantic_probabilities
 from synthetic import scenes
@@ -20,14 +21,43 @@ def test_parameter_count_matches_the_paper(name):
     assert abs(params - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.05, params
 
 
-def test_cover_index_paints_the_finest_token():
+def test_cover_pyramid_paints_the_finest_token():
     # one 32-px token over a 64x32 image's left half... and right half, one 16-px child
     centres = [torch.tensor([[[16.0, 16.0], [48.0, 16.0]]]), torch.tensor([[[40.0, 8.0]]])]
-    index = cover_index(centres, [32, 16], stride=16, height=32, width=64)
+    coarse, fine = cover_pyramid(centres, [32, 16], height=32, width=64)
+    assert coarse.tolist() == [[0, 1]]
     # grid 2 x 4 cells of 16 px: token 0 covers cols 0-1, token 1 cols 2-3, child (id 2) cell (0, 2)
-    assert index.tolist() == [[0, 0, 2, 1, 0, 0, 1, 1]]
+    assert fine.tolist() == [[0, 0, 2, 1, 0, 0, 1, 1]]
     with pytest.raises(ValueError, match="uncovered"):
-        cover_index([centres[1]], [16], stride=16, height=32, width=64)
+        cover_pyramid([centres[0][:, :1]], [32], height=32, width=64)
+    with pytest.raises(ValueError, match="halving"):
+        cover_pyramid(centres, [32, 8], height=32, width=64)
+
+
+def brute_force_cover(centres, patches, stride, height, width):
+    """For every stride-s cell centre, the last token (levels coarsest first, painting
+    order) whose patch square contains it; -1 where none does."""
+    pts = np.concatenate([c.numpy() for c in centres])
+    sides = np.concatenate([np.full(len(c), p, float) for c, p in zip(centres, patches)])
+    ys, xs = np.mgrid[0:height // stride, 0:width // stride]
+    cells = (np.stack([xs.ravel(), ys.ravel()], 1) + 0.5) * stride
+    inside = (np.abs(cells[:, None] - pts[None]) < sides[None, :, None] / 2).all(-1)  # (cells, tokens)
+    last = inside.shape[1] - 1 - inside[:, ::-1].argmax(1)
+    return np.where(inside.any(1), last, -1)
+
+
+@torch.no_grad()
+def test_cover_pyramid_matches_brute_force_on_encoder_tokens():
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", num_classes=5).eval()
+    enc = model.encoder(torch.randn(1, 3, 96, 128), RatioPolicy("random", random_ratio=0.4))
+    levels = enc.levels[::-1]  # patch 32, 16, 8, 4
+    centres, patches = [lv.centres for lv in levels], [lv.patch for lv in levels]
+    covers = cover_pyramid(centres, patches, 96, 128)
+    for i, p in enumerate(patches):
+        expected = brute_force_cover([c[0] for c in centres[: i + 1]], patches[: i + 1], p, 96, 128)
+        assert (expected >= 0).all()
+        assert covers[i][0].tolist() == expected.tolist(), p
 
 
 @torch.no_grad()

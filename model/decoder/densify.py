@@ -1,8 +1,11 @@
 """Sparse -> dense: every token copied over its area, plus a learned position embedding.
 
-A dense map at stride s is painted coarsest level first; finer tokens paint over the area of
-the coarse token they refine, so every cell ends up with the finest token that covers it.
-Each cell then gets an embedding of where it sits inside that token's patch (paper Sec. 3.3).
+The levels of a token pyramid are painted coarsest first: each finer level paints over the
+cells of the coarse tokens it refines, so every cell ends up with the finest token that
+covers it. One pass yields the cover maps at every level's stride (each map is the previous
+one upsampled 2x, then overwritten by the new level's tokens, one cell each), so the pixel
+decoder computes them once for all its dense maps. Each cell then gets an embedding of where
+it sits inside its token's patch (paper Sec. 3.3).
 """
 from __future__ import annotations
 
@@ -10,36 +13,42 @@ import torch
 from torch import Tensor, nn
 
 
-def cover_index(centres: list[Tensor], patches: list[int], stride: int, height: int,
-                width: int) -> Tensor:
-    """(B, H/s * W/s) index into the concatenated tokens of ``centres`` (levels of any order)
-    of the finest token (patch >= stride) covering each stride-s cell."""
-    b = centres[0].shape[0]
-    gh, gw = height // stride, width // stride
-    canvas = torch.full((b, gh * gw), -1, dtype=torch.long, device=centres[0].device)
-    starts = [0]
-    for c in centres:
-        starts.append(starts[-1] + c.shape[1])
-    for lvl in sorted(range(len(patches)), key=lambda i: -patches[i]):
-        p = patches[lvl]
-        if p < stride or centres[lvl].shape[1] == 0:
-            continue
-        r = p // stride
-        corner = ((centres[lvl] - p / 2) / stride).round().long()  # top-left cell (x, y)
-        d = torch.arange(r, device=canvas.device)
-        dy, dx = torch.meshgrid(d, d, indexing="ij")
-        rows = corner[..., 1, None] + dy.flatten()  # (B, n, r*r)
-        cols = corner[..., 0, None] + dx.flatten()
-        cells = (rows * gw + cols).flatten(1)
-        ids = torch.arange(starts[lvl], starts[lvl + 1], device=canvas.device)
-        canvas.scatter_(1, cells, ids[None, :, None].expand(b, -1, r * r).reshape(b, -1))
+def _check_covered(canvas: Tensor, message: str) -> None:
     uncovered = (canvas < 0).any()
-    message = f"the tokens leave part of the {gh}x{gw} stride-{stride} grid uncovered"
-    if canvas.is_cuda:  # checked on the device: no host sync in the forward pass
+    if canvas.is_cuda or torch.compiler.is_compiling():  # no host sync in the forward pass
         torch._assert_async(~uncovered, message)
     elif uncovered:
         raise ValueError(message)
-    return canvas
+
+
+def cover_pyramid(centres: list[Tensor], patches: list[int], height: int, width: int) -> list[Tensor]:
+    """Cover maps of a token pyramid, coarsest level first.
+
+    ``centres[i]`` (B, n_i, 2) are the tokens of patch side ``patches[i]``, each level's
+    side half the previous one's. Returns, per level i, the (B, H/p_i * W/p_i) index into
+    the concatenation of ``centres[: i + 1]`` of the finest token covering each p_i-cell.
+    """
+    if any(2 * p != q for q, p in zip(patches, patches[1:])):
+        raise ValueError(f"cover_pyramid needs patch sides halving from level to level, got {patches}")
+    b = centres[0].shape[0]
+    device = centres[0].device
+    maps: list[Tensor] = []
+    start = 0
+    for level, (c, p) in enumerate(zip(centres, patches)):
+        gh, gw = height // p, width // p
+        if level == 0:
+            canvas = torch.full((b, gh * gw), -1, dtype=torch.long, device=device)
+        else:  # each coarse cell becomes 2x2 cells
+            canvas = (maps[-1].view(b, gh // 2, 1, gw // 2, 1).expand(b, gh // 2, 2, gw // 2, 2)
+                      .reshape(b, gh * gw))
+        cells = (c[..., 1] // p).long() * gw + (c[..., 0] // p).long()
+        ids = torch.arange(start, start + c.shape[1], device=device).expand(b, -1)
+        canvas = canvas.scatter(1, cells, ids)
+        if level == 0:  # finer levels only overwrite: a hole can only start here
+            _check_covered(canvas, f"the tokens leave part of the {gh}x{gw} stride-{p} grid uncovered")
+        maps.append(canvas)
+        start += c.shape[1]
+    return maps
 
 
 class Densify(nn.Module):
@@ -51,9 +60,10 @@ class Densify(nn.Module):
         self.pos = nn.Linear(3, dim)
 
     def forward(self, features: list[Tensor], centres: list[Tensor], patches: list[int],
-                stride: int, height: int, width: int) -> Tensor:
-        """-> (B, C, H/s, W/s)"""
-        index = cover_index(centres, patches, stride, height, width)
+                index: Tensor, height: int, width: int) -> Tensor:
+        """Levels coarsest first; the stride is the finest level's patch side and ``index``
+        its cover map from ``cover_pyramid``. -> (B, C, H/s, W/s)"""
+        stride = patches[-1]
         feats = torch.cat(features, 1)
         all_centres = torch.cat(centres, 1)
         sizes = torch.cat([torch.full(c.shape[:2], float(p), device=c.device)

@@ -18,7 +18,7 @@ from ..attention import cluster_neighbourhood
 from ..encoder import Block, Level, Stage
 from ..layers import LearnedTensor
 from ..upsampling import CentreEmbedding
-from .densify import Densify, cover_index
+from .densify import Densify, cover_pyramid
 
 
 @dataclass
@@ -49,30 +49,32 @@ class PointPixelDecoder(nn.Module):
         self.densify_mask = Densify(mask_dim)
 
     def forward(self, levels: list[Level], height: int, width: int) -> PixelDecoderOutput:
-        fine, coarse = levels[0], levels[1:]
-        x = torch.cat([proj(lv.features) + emb for proj, lv, emb in
-                       zip(self.input_proj, coarse, self.level_embed())], 1)
-        centres = torch.cat([lv.centres for lv in coarse], 1)
+        fine, coarse = levels[0], levels[1:][::-1]  # coarse: patch 32, 16, 8
+        embeds = self.level_embed().unbind(0)  # rows for patch 8, 16, 32
+        x = torch.cat([self.input_proj[j](lv.features) + embeds[j]
+                       for j, lv in reversed(list(enumerate(levels[1:])))], 1)
+        coarse_centres = [lv.centres for lv in coarse]
+        coarse_patches = [lv.patch for lv in coarse]
+        centres = torch.cat(coarse_centres, 1)
         x = x + self.pos(centres).to(x.dtype)
-        nbhd = cluster_neighbourhood(centres, float(coarse[0].patch), self.cluster_size,
+        nbhd = cluster_neighbourhood(centres, float(coarse_patches[-1]), self.cluster_size,
                                      self.nbhd_size, (height, width))
         x = self.layers(x, nbhd)
         coarse_feats = list(x.split([lv.features.shape[1] for lv in coarse], 1))
-        coarse_centres = [lv.centres for lv in coarse]
-        coarse_patches = [lv.patch for lv in coarse]
+        covers = cover_pyramid(coarse_centres + [fine.centres], coarse_patches + [fine.patch],
+                               height, width)
 
-        # FPN step for the finest tokens: add the refined feature of the covering token.
-        parent_of = cover_index(coarse_centres, coarse_patches, fine.patch, height, width)
-        gw = width // fine.patch
-        cell = (fine.centres[..., 1] // fine.patch).long() * gw + (fine.centres[..., 0] // fine.patch).long()
-        parent = parent_of.gather(1, cell)
+        # FPN step for the finest tokens: add the refined feature of the covering token
+        # (the stride-8 cover map, at the fine token's cell).
+        p = coarse_patches[-1]
+        cell = (fine.centres[..., 1] // p).long() * (width // p) + (fine.centres[..., 0] // p).long()
+        parent = covers[-2].gather(1, cell)
         parent_feat = x.gather(1, parent[..., None].expand(-1, -1, x.shape[-1]))
         fine_feat = self.fuse(self.lateral(fine.features) + parent_feat)
 
-        maps = [dens(coarse_feats[::-1][: i + 1], coarse_centres[::-1][: i + 1],
-                     coarse_patches[::-1][: i + 1], p, height, width)
-                for i, (dens, p) in enumerate(zip(self.densify_maps, coarse_patches[::-1]))]
-        mask_tokens = [self.mask_proj(f) for f in [fine_feat] + coarse_feats]
-        mask_features = self.densify_mask(mask_tokens, [fine.centres] + coarse_centres,
-                                          [fine.patch] + coarse_patches, fine.patch, height, width)
+        maps = [dens(coarse_feats[: i + 1], coarse_centres[: i + 1], coarse_patches[: i + 1],
+                     covers[i], height, width) for i, dens in enumerate(self.densify_maps)]
+        mask_tokens = [self.mask_proj(f) for f in coarse_feats + [fine_feat]]
+        mask_features = self.densify_mask(mask_tokens, coarse_centres + [fine.centres],
+                                          coarse_patches + [fine.patch], covers[-1], height, width)
         return PixelDecoderOutput(maps=maps, mask_features=mask_features)
