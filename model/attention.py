@@ -70,7 +70,7 @@ class Neighbourhood:
     ``cluster_size`` sorted tokens (the last run padded by repeating its last token).
     ``unit`` is the stage's finest patch side in pixels (the position bias's length unit).
     Derived in ``__post_init__``: the tokens' Fourier features ``[cos, sin](w . p)``
-    (B, N, 2F) for the position bias, and flat row indices (batch offsets folded in) for the
+    (B, N, 2F) for the position bias and ``[-sin, cos](w . p)`` beside them, and flat row indices (batch offsets folded in) for the
     one-op gathers: ``key_rows`` (B*G*K), ``query_rows`` (B*G*M, cluster mode) and
     ``inverse_rows`` (B*N, cluster mode: from group order back to row order).
     """
@@ -87,7 +87,9 @@ class Neighbourhood:
         with torch.no_grad():
             centres = _at_least_fp32(self.centres)
             theta = centres @ bias_frequencies(self.unit, centres.device, centres.dtype).T
-            self.fourier = torch.cat([theta.cos(), theta.sin()], -1)  # (B, N, 2F)
+            cos, sin = theta.cos(), theta.sin()
+            self.fourier = torch.cat([cos, sin], -1)  # (B, N, 2F)
+            self.fourier_turned = torch.cat([-sin, cos], -1)  # the same turned by 90 degrees
             batch = torch.arange(b, device=self.key_index.device)[:, None]
             self.key_rows = (self.key_index + (batch * n)[..., None]).flatten()
             self.query_rows = self.inverse_rows = None
@@ -274,12 +276,14 @@ def _rows_in_order(out: Tensor, nbhd: Neighbourhood, n: int) -> Tensor:
 def attend_torch(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
     """Reference path: gather each group's queries and keys/values, then SDPA.
     ``q`` (B, N, h, dq), ``kv`` (B, N, h, dq + dv) -> (B, N, h, dv)."""
-    dq = q.shape[-1]
+    b, n, h, dq = q.shape
     qg, kvg = _groups(q, kv, nbhd)
-    kg, vg = kvg[..., :dq], kvg[..., dq:]
-    out = F.scaled_dot_product_attention(
-        qg.transpose(2, 3), kg.transpose(2, 3), vg.transpose(2, 3), scale=scale)
-    return _rows_in_order(out.transpose(2, 3), nbhd, q.shape[1])
+    g, m = qg.shape[1], qg.shape[2]
+    # 4-D (B*G, h, tokens, d): the layout SDPA kernels (and inductor's attention
+    # pattern matcher, which fails on 5-D inputs) expect.
+    qg, kvg = qg.reshape(b * g, m, h, dq).transpose(1, 2), kvg.flatten(0, 1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qg, kvg[..., :dq], kvg[..., dq:], scale=scale)
+    return _rows_in_order(out.transpose(1, 2).reshape(b, g, m, h, -1), nbhd, n)
 
 
 def attend_xformers(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
@@ -338,13 +342,14 @@ class NeighbourhoodAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
         scale = self.head_dim ** -0.5
-        # The bias as extra channels: q gets a cos(w.pq) - b sin(w.pq) | a sin + b cos,
-        # k gets cos(w.pk) | sin(w.pk); their product is sum a cos(w.d) + b sin(w.d).
-        u = nbhd.fourier[:, :, None]  # (B, N, 1, 2F)
-        cos, sin = u.chunk(2, -1)
-        a, c = self.bias_cos / scale, self.bias_sin / scale  # (h, F)
-        q_extra = torch.cat([a * cos - c * sin, a * sin + c * cos], -1)
-        q = torch.cat([q, q_extra.to(q.dtype)], -1)
-        kv = torch.cat([k, u.expand(-1, -1, self.heads, -1).to(k.dtype), v], -1)
+        # The bias as extra channels: q gets a cos(w.pq) - c sin(w.pq) | a sin + c cos,
+        # k gets cos(w.pk) | sin(w.pk); their product is sum a cos(w.d) + c sin(w.d).
+        # Two kernels: a * [cos | sin] + c * [-sin | cos], per head, over (B, N, h, 2, F).
+        halves = (b, n, 1, 2, -1)
+        a, c = (self.bias_cos / scale)[:, None], (self.bias_sin / scale)[:, None]  # (h, 1, F)
+        q_extra = torch.addcmul(nbhd.fourier.view(halves) * a, nbhd.fourier_turned.view(halves), c)
+        q = torch.cat([q, q_extra.flatten(-2).to(q.dtype)], -1)
+        u = nbhd.fourier[:, :, None].expand(-1, -1, self.heads, -1)
+        kv = torch.cat([k, u.to(k.dtype), v], -1)
         out = _ATTEND[resolve_backend(self.backend, nbhd)](q, kv, nbhd, scale)
         return self.proj(out.reshape(b, n, -1))

@@ -8,6 +8,7 @@ is the output, the others feed deep supervision.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -18,8 +19,10 @@ from torch import Tensor, nn
 from ..layers import LearnedTensor, mlp
 
 
+@functools.lru_cache(maxsize=32)
 def sine_positions(height: int, width: int, dim: int, device=None) -> Tensor:
-    """Mask2Former's normalised 2-D sine position encoding, (H*W, dim)."""
+    """Mask2Former's normalised 2-D sine position encoding, (H*W, dim); a constant, so
+    computed once per size (the cached tensor must not be modified in place)."""
     half = dim // 2
     eps, scale = 1e-6, 2 * math.pi
     y = (torch.arange(1, height + 1, device=device, dtype=torch.float32) / (height + eps)) * scale
@@ -59,9 +62,10 @@ class DecoderLayer(nn.Module):
         self.ffn = mlp(dim, ffn, dim, layers=2)
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
 
-    def forward(self, q: Tensor, q_pos: Tensor, memory: Tensor, m_pos: Tensor,
+    def forward(self, q: Tensor, q_pos: Tensor, memory: Tensor, memory_keys: Tensor,
                 blocked: Tensor | None) -> Tensor:
-        q = self.norms[0](q + self.cross(q + q_pos, memory + m_pos, memory, blocked))
+        """``memory_keys``: the memory plus its position encoding."""
+        q = self.norms[0](q + self.cross(q + q_pos, memory_keys, memory, blocked))
         qp = q + q_pos
         q = self.norms[1](q + self.self_attn(qp, qp, q))
         return self.norms[2](q + self.ffn(q))
@@ -91,26 +95,27 @@ class MaskedTransformerDecoder(nn.Module):
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_head(q), mask_features)
         # attention mask for the next layer: True = may not attend
         small = F.interpolate(masks, size=next_size, mode="bilinear", align_corners=False)
-        blocked = (small.sigmoid().flatten(2) < 0.5).detach()
-        blocked[blocked.all(-1)] = False  # a query that would see nothing sees everything
+        blocked = (small.flatten(2) < 0).detach()  # sigmoid(x) < 0.5 <=> x < 0
+        # a query that would see nothing sees everything
+        blocked = blocked.masked_fill(blocked.all(-1, keepdim=True), False)
         return Prediction(self.class_head(q), masks), blocked
 
     def forward(self, maps: list[Tensor], mask_features: Tensor) -> list[Prediction]:
         """``maps``: dense memory, coarsest first. Returns every prediction, last = final."""
         b = mask_features.shape[0]
-        memory, m_pos, sizes = [], [], []
+        memory, keys, sizes = [], [], []  # keys: memory + position, once per level
         for i, m in enumerate(maps):
             h, w = m.shape[-2:]
             sizes.append((h, w))
             memory.append(m.flatten(2).transpose(1, 2) + self.level_embed()[i])
-            m_pos.append(sine_positions(h, w, m.shape[1], m.device).to(m.dtype)[None])
+            keys.append(memory[-1] + sine_positions(h, w, m.shape[1], m.device).to(m.dtype))
         q = self.query_feat().unsqueeze(0).repeat(b, 1, 1)
         q_pos = self.query_pos().unsqueeze(0).repeat(b, 1, 1)
         pred, blocked = self._predict(q, mask_features, sizes[0])
         preds = [pred]
         for i, layer in enumerate(self.layers):
             lvl = i % self.num_levels
-            q = layer(q, q_pos, memory[lvl], m_pos[lvl], blocked)
+            q = layer(q, q_pos, memory[lvl], keys[lvl], blocked)
             pred, blocked = self._predict(q, mask_features, sizes[(i + 1) % self.num_levels])
             preds.append(pred)
         return preds
