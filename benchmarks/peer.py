@@ -1,18 +1,23 @@
 """DUPS-Tiny vs the peer Mask2Former with a Swin-T backbone (transformers, random weights):
 parameters, GFLOPs and latency on the same input, measured side by side in one run.
 
-    .venv/bin/python benchmarks/peer.py --image-size 512 --repeats 3 [--batch 1] [--bf16] [--compile]
+    .venv/bin/python benchmarks/peer.py --image-size 512 --repeats 3 [--batch 1] [--bf16]
+        [--compile [default|reduce-overhead|max-autotune]] [--models peer fixed full]
 
 DUPS runs with fixed-beta (ADE20K) and full upsampling (a dynamic ratio needs a trained score
 head; an untrained one splits almost everything). GFLOPs are multiply-adds
 (flop_counter total / 2), the papers' convention. ``--compile`` adds a column for each model
-under ``torch.compile`` (same inputs, timed after two compiling calls), or says why it failed.
+under ``torch.compile`` with static shapes (one compiled graph per policy; "reduce-overhead"
+replays it as a CUDA graph, which removes the launch cost that dominates batch 1), with the
+seconds its first two calls took, or says why it failed. ``--models`` runs a subset (one
+model per process rules out allocator interplay between them).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +27,9 @@ from benchmarks.common import device_name, time_ms  # noqa: E402
 from model import RatioPolicy  # noqa: E402
 from model.segmentor import build_segmentor  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION, count_gmacs, count_params  # noqa: E402
+
+
+MODELS = {"peer": "Mask2Former Swin-T", "fixed": "DUPS-Tiny fixed beta", "full": "DUPS-Tiny full"}
 
 
 def swin_t_mask2former(classes: int):
@@ -38,7 +46,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--compile", nargs="?", const="default", default=None,
+                    choices=["default", "reduce-overhead", "max-autotune"],
+                    help="also time torch.compile'd models (mode; default: default)")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -50,14 +61,20 @@ def main() -> None:
 
     def calls(peer, dups):
         return {
-            "Mask2Former Swin-T": lambda: peer(pixel_values=image),
-            "DUPS-Tiny fixed beta": lambda: dups(image, fixed),
-            "DUPS-Tiny full": lambda: dups(image, full),
+            MODELS["peer"]: lambda: peer(pixel_values=image),
+            MODELS["fixed"]: lambda: dups(image, fixed),
+            MODELS["full"]: lambda: dups(image, full),
         }
 
+    chosen = [MODELS[m] for m in MODELS if m in args.models]
     runs = {name: (model, fn) for (name, fn), model in
-            zip(calls(peer, dups).items(), (peer, dups, dups))}
-    compiled = calls(torch.compile(peer), torch.compile(dups)) if args.compile else {}
+            zip(calls(peer, dups).items(), (peer, dups, dups)) if name in chosen}
+    compiled = {}
+    if args.compile:
+        options = {"mode": args.compile, "dynamic": False}
+        compiled = {name: fn for name, fn in calls(torch.compile(peer, **options),
+                                                   torch.compile(dups, **options)).items()
+                    if name in chosen}
 
     def timed(fn) -> float:
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
@@ -72,7 +89,9 @@ def main() -> None:
                        "compiled": []}
     for name, fn in list(compiled.items()):
         try:
-            timed(fn), timed(fn)  # compiles (and recompiles once for the second policy)
+            start = time.perf_counter()
+            timed(fn), timed(fn)  # compiles (CUDA graphs record on the second call)
+            print(f"compiled {name} ({args.compile}): first two calls {time.perf_counter() - start:.0f} s")
         except Exception as e:  # noqa: BLE001 - report, keep the eager figures
             print(f"torch.compile failed for {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             del compiled[name]
@@ -83,18 +102,21 @@ def main() -> None:
                 stats[name]["compiled"].append(timed(compiled[name]))
     print(f"{args.image_size}x{args.image_size}, batch {args.batch}, {device_name(device)}, "
           f"{'bf16' if args.bf16 else 'fp32'}, median of {args.repeats}; [{FLOP_CONVENTION}; per image]")
-    base = stats["Mask2Former Swin-T"]
-    base_ms = statistics.median(base["ms"])
-    base_c = statistics.median(base["compiled"]) if base["compiled"] else None
+    base = stats.get(MODELS["peer"])
+    base_ms = statistics.median(base["ms"]) if base else None
+    base_c = statistics.median(base["compiled"]) if base and base["compiled"] else None
+
+    def ratio(x, ref):
+        return f"{x / ref:>8.3f}" if ref else f"{'-':>8}"
     print(f"{'model':<24}{'params M':>10}{'GFLOPs':>9}{'x peer':>8}{'ms':>10}{'x peer':>8}"
           + (f"{'compiled ms':>13}{'x peer':>8}" if compiled else ""))
     for name, s in stats.items():
         ms = statistics.median(s["ms"])
-        line = (f"{name:<24}{s['params']:>10.2f}{s['gflops']:>9.2f}{s['gflops'] / base['gflops']:>8.3f}"
-                f"{ms:>10.1f}{ms / base_ms:>8.3f}")
+        line = (f"{name:<24}{s['params']:>10.2f}{s['gflops']:>9.2f}"
+                f"{ratio(s['gflops'], base and base['gflops'])}{ms:>10.1f}{ratio(ms, base_ms)}")
         if s["compiled"]:
             cms = statistics.median(s["compiled"])
-            line += f"{cms:>13.1f}" + (f"{cms / base_c:>8.3f}" if base_c else f"{'-':>8}")
+            line += f"{cms:>13.1f}{ratio(cms, base_c)}"
         print(line)
 
 

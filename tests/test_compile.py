@@ -1,0 +1,35 @@
+"""torch.compile readiness: with a static ratio policy the whole segmentor is one graph (no
+host syncs, no Python on tensor values), which is what lets CUDA graphs ("reduce-overhead")
+remove the launch cost that dominates batch-1 latency on a GPU (BENCHMARKS.md)."""
+import pytest
+import torch
+
+from model import RatioPolicy
+from model.segmentor import build_segmentor
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_segmentor("dups_demo", num_classes=5).eval()
+
+
+@pytest.mark.parametrize("kind", ["fixed", "full"])
+def test_static_policies_trace_as_one_graph(model, kind):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(torch.randn(1, 3, 96, 128),
+                                                 RatioPolicy.from_preset(kind, "ade20k"))
+    reasons = [r.reason.splitlines()[0] for r in explained.break_reasons]
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), reasons
+
+
+def test_compiled_forward_equals_eager(model):
+    torch._dynamo.reset()
+    images = torch.randn(2, 3, 96, 128)
+    policy = RatioPolicy.from_preset("fixed", "ade20k")
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    with torch.no_grad():
+        want, got = model(images, policy).final, compiled(images, policy).final
+    torch.testing.assert_close(got.masks, want.masks, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
