@@ -2,15 +2,16 @@
 parameters, GFLOPs and latency on the same input, measured side by side in one run.
 
     .venv/bin/python benchmarks/peer.py --image-size 512 --repeats 3 [--batch 1] [--bf16]
-        [--compile [default|reduce-overhead|max-autotune]] [--models peer fixed full]
+        [--compile [default|reduce-overhead|max-autotune] | --cuda-graph] [--models peer fixed full]
 
 DUPS runs with fixed-beta (ADE20K) and full upsampling (a dynamic ratio needs a trained score
 head; an untrained one splits almost everything). GFLOPs are multiply-adds
 (flop_counter total / 2), the papers' convention. ``--compile`` adds a column for each model
 under ``torch.compile`` with static shapes (one compiled graph per policy; "reduce-overhead"
 replays it as a CUDA graph, which removes the launch cost that dominates batch 1), with the
-seconds its first two calls took, or says why it failed. ``--models`` runs a subset (one
-model per process rules out allocator interplay between them).
+seconds its first two calls took, or says why it failed; ``--cuda-graph`` instead replays
+each eager forward as one captured CUDA graph (no compiler, seconds to set up). ``--models``
+runs a subset (one model per process rules out allocator interplay between them).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name, time_ms  # noqa: E402
+from benchmarks.common import cuda_graphed, device_name, time_ms  # noqa: E402
 from model import RatioPolicy  # noqa: E402
 from model.segmentor import build_segmentor  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION, count_gmacs, count_params  # noqa: E402
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--compile", nargs="?", const="default", default=None,
                     choices=["default", "reduce-overhead", "max-autotune"],
                     help="also time torch.compile'd models (mode; default: default)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time each model's eager forward replayed as one CUDA graph")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -76,6 +79,12 @@ def main() -> None:
                                                    torch.compile(dups, **options)).items()
                     if name in chosen}
 
+    if args.cuda_graph:
+        if args.compile or device.type != "cuda":
+            raise SystemExit("--cuda-graph needs a CUDA device and no --compile")
+        compiled = {name: fn for name, fn in calls(peer, dups).items() if name in chosen}
+    label = "graphed" if args.cuda_graph else "compiled"
+
     def timed(fn) -> float:
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
             return time_ms(fn, device)
@@ -90,10 +99,15 @@ def main() -> None:
     for name, fn in list(compiled.items()):
         try:
             start = time.perf_counter()
-            timed(fn), timed(fn)  # compiles (CUDA graphs record on the second call)
-            print(f"compiled {name} ({args.compile}): first two calls {time.perf_counter() - start:.0f} s")
+            if args.cuda_graph:
+                compiled[name] = cuda_graphed(fn, torch.bfloat16 if args.bf16 else None)
+                print(f"captured {name} as a CUDA graph in {time.perf_counter() - start:.1f} s")
+            else:
+                timed(fn), timed(fn)  # compiles (CUDA graphs record on the second call)
+                print(f"compiled {name} ({args.compile}): first two calls "
+                      f"{time.perf_counter() - start:.0f} s")
         except Exception as e:  # noqa: BLE001 - report, keep the eager figures
-            print(f"torch.compile failed for {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(f"{label} run failed for {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             del compiled[name]
     for _ in range(args.repeats):
         for name, (_, fn) in runs.items():
@@ -109,7 +123,7 @@ def main() -> None:
     def ratio(x, ref):
         return f"{x / ref:>8.3f}" if ref else f"{'-':>8}"
     print(f"{'model':<24}{'params M':>10}{'GFLOPs':>9}{'x peer':>8}{'ms':>10}{'x peer':>8}"
-          + (f"{'compiled ms':>13}{'x peer':>8}" if compiled else ""))
+          + (f"{label + ' ms':>13}{'x peer':>8}" if compiled else ""))
     for name, s in stats.items():
         ms = statistics.median(s["ms"])
         line = (f"{name:<24}{s['params']:>10.2f}{s['gflops']:>9.2f}"
