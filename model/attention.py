@@ -72,7 +72,8 @@ class Neighbourhood:
     Derived in ``__post_init__``: the tokens' Fourier features ``[cos, sin](w . p)``
     (B, N, 2F) for the position bias and ``[-sin, cos](w . p)`` beside them, and flat row indices (batch offsets folded in) for the
     one-op gathers: ``key_rows`` (B*G*K), ``query_rows`` (B*G*M, cluster mode) and
-    ``inverse_rows`` (B*N, cluster mode: from group order back to row order).
+    ``inverse_group``, ``inverse_slot`` (B*N each, cluster mode: the group and the slot in
+    it of every token, in row order).
     """
 
     key_index: Tensor
@@ -92,11 +93,13 @@ class Neighbourhood:
             self.fourier_turned = torch.cat([-sin, cos], -1)  # the same turned by 90 degrees
             batch = torch.arange(b, device=self.key_index.device)[:, None]
             self.key_rows = (self.key_index + (batch * n)[..., None]).flatten()
-            self.query_rows = self.inverse_rows = None
+            self.query_rows = self.inverse_group = self.inverse_slot = None
             if self.order is not None:
                 slots = self.key_index.shape[1] * self.cluster_size
                 self.query_rows = (_padded(self.order, slots) + batch * n).flatten()
-                self.inverse_rows = (torch.argsort(self.order, dim=1) + batch * slots).flatten()
+                inverse = (torch.argsort(self.order, dim=1) + batch * slots).flatten()
+                self.inverse_group = inverse // self.cluster_size
+                self.inverse_slot = inverse % self.cluster_size
 
     @property
     def groups(self) -> int:
@@ -266,11 +269,12 @@ def _groups(q: Tensor, kv: Tensor, nbhd: Neighbourhood) -> tuple[Tensor, Tensor]
 
 
 def _rows_in_order(out: Tensor, nbhd: Neighbourhood, n: int) -> Tensor:
-    """(B, G, M, h, dv) in group order -> (B, N, h, dv) in row order (padding dropped)."""
-    b, h, dv = out.shape[0], out.shape[-2], out.shape[-1]
-    if nbhd.inverse_rows is None:
-        return out.reshape(b, n, h, dv)
-    return out.reshape(-1, h, dv)[nbhd.inverse_rows].view(b, n, h, dv)
+    """(B*G, h, M, dv) in group order, any strides -> (B, N, h, dv) in row order (padding
+    dropped): one gather, no copy to make the groups contiguous first."""
+    h, dv = out.shape[1], out.shape[-1]
+    if nbhd.inverse_group is None:  # grid mode: M = 1, groups are the rows
+        return out.reshape(-1, n, h, dv)
+    return out[nbhd.inverse_group, :, nbhd.inverse_slot].view(-1, n, h, dv)
 
 
 def attend_torch(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
@@ -283,7 +287,7 @@ def attend_torch(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Te
     # pattern matcher, which fails on 5-D inputs) expect.
     qg, kvg = qg.reshape(b * g, m, h, dq).transpose(1, 2), kvg.flatten(0, 1).transpose(1, 2)
     out = F.scaled_dot_product_attention(qg, kvg[..., :dq], kvg[..., dq:], scale=scale)
-    return _rows_in_order(out.transpose(1, 2).reshape(b, g, m, h, -1), nbhd, n)
+    return _rows_in_order(out, nbhd, n)
 
 
 def attend_xformers(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
@@ -299,7 +303,7 @@ def attend_xformers(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) ->
     out = xops.memory_efficient_attention(
         qg.reshape(b * g, m, h, dq), kg.reshape(b * g, -1, h, dq),
         vg.reshape(b * g, -1, h, dq), scale=scale)[..., :dv]
-    return _rows_in_order(out.reshape(b, g, m, h, dv), nbhd, n)
+    return _rows_in_order(out.reshape(b * g, m, h, dv).transpose(1, 2), nbhd, n)
 
 
 def attend_natten(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
