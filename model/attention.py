@@ -336,10 +336,9 @@ class NeighbourhoodAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         freqs = len(BIAS_WAVELENGTHS) * BIAS_DIRECTIONS
-        self.bias_cos = nn.Parameter(torch.zeros(heads, freqs))
-        self.bias_sin = nn.Parameter(torch.zeros(heads, freqs))
-        nn.init.trunc_normal_(self.bias_cos, std=0.02)
-        nn.init.trunc_normal_(self.bias_sin, std=0.02)
+        # the bias's coefficients: [0] of cos(w . d) (a), [1] of sin(w . d) (c), per head
+        self.position_bias = nn.Parameter(torch.zeros(2, heads, 1, freqs))
+        nn.init.trunc_normal_(self.position_bias, std=0.02)
         self.backend = "auto"
 
     def forward(self, x: Tensor, nbhd: Neighbourhood) -> Tensor:
@@ -350,7 +349,7 @@ class NeighbourhoodAttention(nn.Module):
         # k gets cos(w.pk) | sin(w.pk); their product is sum a cos(w.d) + c sin(w.d).
         # Two kernels: a * [cos | sin] + c * [-sin | cos], per head, over (B, N, h, 2, F).
         halves = (b, n, 1, 2, -1)
-        a, c = (self.bias_cos / scale)[:, None], (self.bias_sin / scale)[:, None]  # (h, 1, F)
+        a, c = (self.position_bias / scale).unbind(0)  # (h, 1, F) each
         q_extra = torch.addcmul(nbhd.fourier.view(halves) * a, nbhd.fourier_turned.view(halves), c)
         q = torch.cat([q, q_extra.flatten(-2).to(q.dtype)], -1)
         u = nbhd.fourier[:, :, None].expand(-1, -1, self.heads, -1)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import OptimConfig
 
-NO_DECAY_NAMES = ("embed", "bias_cos", "bias_sin", "query_feat", "query_pos", "level_embed")
+NO_DECAY_NAMES = ("embed", "position_bias", "query_feat", "query_pos", "level_embed")
 
 
 def is_head(name: str) -> bool:

@@ -65,6 +65,7 @@ def test_param_groups_and_schedule():
     assert "encoder.left.0.0.norm1.weight" in of("backbone/no_decay")
     assert "encoder.upsample.0.subpatch_embed.weight" in of("head/no_decay")
     assert "decoder.query_feat.weight" in of("head/no_decay")
+    assert "encoder.left.0.0.attn.position_bias" in of("backbone/no_decay")  # ndim 4, by name
     assert "encoder.left.0.0.attn.qkv.bias" in of("backbone/no_decay")
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
     # WarmupPolyLR: 0.001 at step 0, linear to 1 at 2500, then (1 - t/T)^0.9
