@@ -125,10 +125,23 @@ def hilbert_index(x: Tensor, y: Tensor, bits: int = 16) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _hilbert_table(rows: int, cols: int, unit: float, device: torch.device) -> Tensor:
-    """Curve positions of the top-left pixels of a ``rows x cols`` grid of unit cells."""
+def _hilbert_table_cached(rows: int, cols: int, unit: float, device: torch.device) -> Tensor:
     ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     return hilbert_index((xs * unit).floor(), (ys * unit).floor()).flatten().to(device)
+
+
+@torch.library.custom_op("dups::hilbert_table", mutates_args=())
+def _hilbert_table(rows: int, cols: int, unit: float, device: torch.device) -> Tensor:
+    """Curve positions of the top-left pixels of a ``rows x cols`` grid of unit cells
+    (cached; the tensor is shared, never modify it). An opaque op so that torch.compile
+    calls the cache instead of tracing the 16-step curve loop, which inductor would fuse into
+    one pointwise expression of exponential size (compiles that never finished)."""
+    return _hilbert_table_cached(rows, cols, unit, device)
+
+
+@_hilbert_table.register_fake
+def _(rows: int, cols: int, unit: float, device: torch.device) -> Tensor:
+    return torch.empty(rows * cols, dtype=torch.long, device=device)
 
 
 def hilbert_codes(centres: Tensor, unit: float, image_size: tuple[int, int] | None = None) -> Tensor:
