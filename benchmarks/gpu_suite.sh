@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of BENCHMARKS.md (sections 1, 2, 3, 5 and the launch profile), one after
+# The GPU benchmarks of BENCHMARKS.md (launch profile, sections 2, 1, 3, 5), one after
 # another, each bounded in time, everything appended to one log: $LOG (default gpu-bench.log).
 # Usage: PYTHON=python3 LOG=/tmp/bench.log bash benchmarks/gpu_suite.sh [quick]
 set -u
@@ -14,16 +14,20 @@ step() {  # step SECONDS ARGS...: run one benchmark with a time limit, log its o
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
 "$py" -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$log"
+# First the launch-cost questions (kernels per forward; latency with the launch cost removed
+# by replaying a captured CUDA graph; one model per process at batch 8), then compile.
 step 120 benchmarks/launches.py --top 8
-step 120 benchmarks/backbone.py --task segmentation --repeats 20
-step 120 benchmarks/backbone.py --task segmentation --repeats 20 --bf16
-step 120 benchmarks/backbone.py --task segmentation --repeats 10 --bf16 --batch 8
-step 120 benchmarks/peer.py --repeats 20
-step 120 benchmarks/peer.py --repeats 20 --bf16
-step 120 benchmarks/peer.py --repeats 10 --bf16 --batch 8
-step 120 benchmarks/attention.py --repeats 20 --bf16 --grid 128
-step 120 benchmarks/attention.py --repeats 20 --bf16 --grid 128 --tokens 87040
-step 240 benchmarks/memory.py --bf16
+step 150 benchmarks/peer.py --repeats 20 --bf16 --cuda-graph
+step 150 benchmarks/peer.py --repeats 10 --bf16 --batch 8 --cuda-graph
+for m in fixed full peer; do
+    step 90 benchmarks/peer.py --repeats 10 --bf16 --batch 8 --models $m
+done
+step 300 benchmarks/peer.py --repeats 20 --bf16 --compile reduce-overhead --models fixed
 if [ "${1:-}" != quick ]; then
-    step 240 benchmarks/peer.py --repeats 20 --bf16 --compile
+    step 300 benchmarks/peer.py --repeats 20 --bf16 --compile reduce-overhead --models peer
+    step 120 benchmarks/backbone.py --task segmentation --repeats 20 --bf16
+    step 120 benchmarks/backbone.py --task segmentation --repeats 10 --bf16 --batch 8
+    step 120 benchmarks/attention.py --repeats 20 --bf16 --grid 128
+    step 120 benchmarks/attention.py --repeats 20 --bf16 --grid 128 --tokens 87040
+    step 240 benchmarks/memory.py --bf16
 fi
