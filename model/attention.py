@@ -70,10 +70,10 @@ class Neighbourhood:
     ``cluster_size`` sorted tokens (the last run padded by repeating its last token).
     ``unit`` is the stage's finest patch side in pixels (the position bias's length unit).
     Derived in ``__post_init__``: the tokens' Fourier features ``[cos, sin](w . p)``
-    (B, N, 2F) for the position bias and ``[-sin, cos](w . p)`` beside them, and flat row indices (batch offsets folded in) for the
-    one-op gathers: ``key_rows`` (B*G*K), ``query_rows`` (B*G*M, cluster mode) and
-    ``inverse_group``, ``inverse_slot`` (B*N each, cluster mode: the group and the slot in
-    it of every token, in row order).
+    (B, N, 2F) for the position bias and ``[-sin, cos](w . p)`` beside them, and flat row
+    indices (batch offsets folded in) for the one-op gathers: ``key_rows`` (B*G*K),
+    ``query_rows`` (B*G*M, cluster mode) and ``inverse_group``, ``inverse_slot`` (B*N each,
+    cluster mode: the group and the slot in it of every token, in row order).
     """
 
     key_index: Tensor
