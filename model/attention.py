@@ -19,6 +19,7 @@ xformers) computes the same numbers with no bias tensor at all, and tokens at an
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -47,6 +48,21 @@ def bias_frequencies(unit: float, device=None, dtype=torch.float32) -> Tensor:
     dirs = torch.stack([angles.cos(), angles.sin()], -1)
     mags = torch.tensor([2 * math.pi / (w * unit) for w in BIAS_WAVELENGTHS], dtype=torch.float64)
     return (mags[:, None, None] * dirs[None]).reshape(-1, 2).to(device, dtype)
+
+
+_pad_values_on_cpu = True
+
+
+@contextlib.contextmanager
+def exact_arithmetic():
+    """Within it, values are not zero-padded to the query width on CPU (the padding only
+    lets SDPA use its fused CPU kernel): FLOP counts see the model's own multiply-adds."""
+    global _pad_values_on_cpu
+    saved, _pad_values_on_cpu = _pad_values_on_cpu, False
+    try:
+        yield
+    finally:
+        _pad_values_on_cpu = saved
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -366,6 +382,12 @@ class NeighbourhoodAttention(nn.Module):
         q_extra = torch.addcmul(nbhd.fourier.view(halves) * a, nbhd.fourier_turned.view(halves), c)
         q = torch.cat([q, q_extra.flatten(-2).to(q.dtype)], -1)
         u = nbhd.fourier[:, :, None].expand(-1, -1, self.heads, -1)
-        kv = torch.cat([k, u.to(k.dtype), v], -1)
-        out = _ATTEND[resolve_backend(self.backend, nbhd)](q, kv, nbhd, scale)
+        backend = resolve_backend(self.backend, nbhd)
+        pieces = [k, u.to(k.dtype), v]
+        if backend == "torch" and x.device.type == "cpu" and _pad_values_on_cpu:
+            # SDPA's fused CPU kernel needs values as wide as queries (else a 3x slower
+            # unfused path; BENCHMARKS.md): zero channels, cut off again below. CUDA's
+            # memory-efficient kernel takes the narrower values as they are.
+            pieces.append(v.new_zeros(b, n, self.heads, q.shape[-1] - self.head_dim))
+        out = _ATTEND[backend](q, torch.cat(pieces, -1), nbhd, scale)[..., :self.head_dim]
         return self.proj(out.reshape(b, n, -1))

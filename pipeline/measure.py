@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from model import RatioPolicy, build_encoder
+from model.attention import exact_arithmetic
 from model.segmentor import build_segmentor
 
 TASKS = ("backbone", "segmentation")
@@ -24,9 +25,19 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's flop counter knows the CUDA attention kernels but not the fused CPU one, whose
+# FLOPs it would silently count as zero.
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
 def count_gmacs(fn, *args, **kwargs) -> tuple[float, object]:
-    """Multiply-adds (in G) of one call of ``fn``, and its result."""
-    with FlopCounterMode(display=False) as counter:
+    """Multiply-adds (in G) of one call of ``fn``, and its result: the model's own
+    arithmetic, the same on every device."""
+    with exact_arithmetic(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
         result = fn(*args, **kwargs)
     return counter.get_total_flops() / 2 / 1e9, result
 
