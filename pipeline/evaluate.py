@@ -13,13 +13,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from model.edges import token_targets
 from model.ratios import RatioPolicy
 from model.segmentor import DUPSSegmentor, semantic_probabilities
 
 from .config import EvalConfig
+from .measure import flop_counter
 
 
 def confusion(pred: torch.Tensor, label: torch.Tensor, classes: int, ignore: int = 255) -> torch.Tensor:
@@ -128,7 +128,7 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
         image = sample["image"][None].to(device, dtype)
         label = sample["label"]
         h, w = sample["size"]
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:  # the model's multiply-adds, as count_gmacs
             if cfg.sliding_window:
                 probs, out = sliding_window(model, image, policy, (h, w), crop, cfg.window_stride)
             elif cfg.multi_scale or cfg.flip:

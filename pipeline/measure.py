@@ -5,6 +5,7 @@ i.e. ``torch.utils.flop_counter`` total / 2. Every printed figure says so.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -34,10 +35,17 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
 _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 
-def count_gmacs(fn, *args, **kwargs) -> tuple[float, object]:
-    """Multiply-adds (in G) of one call of ``fn``, and its result: the model's own
-    arithmetic, the same on every device."""
+@contextlib.contextmanager
+def flop_counter():
+    """A ``FlopCounterMode`` that counts the model's own arithmetic, the same on every
+    device (see ``count_gmacs``); ``.get_total_flops() / 2`` are multiply-adds."""
     with exact_arithmetic(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+        yield counter
+
+
+def count_gmacs(fn, *args, **kwargs) -> tuple[float, object]:
+    """Multiply-adds (in G) of one call of ``fn``, and its result."""
+    with flop_counter() as counter:
         result = fn(*args, **kwargs)
     return counter.get_total_flops() / 2 / 1e9, result
 
