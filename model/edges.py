@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tokens import raster_cells
+
 SCORE_SCALES = (32, 16, 8)  # patch sides of the tokens the three upsampling blocks score
 
 
@@ -48,7 +50,4 @@ def edge_scores(label: Tensor | np.ndarray, scales=SCORE_SCALES,
 def token_targets(score_map: Tensor, centres: Tensor, patch: int) -> Tensor:
     """Targets (B, n) for tokens of side ``patch`` at ``centres`` (B, n, 2) from a score
     map (B, H/patch, W/patch) of the same patch side."""
-    cols = (centres[..., 0] // patch).long()
-    rows = (centres[..., 1] // patch).long()
-    flat = score_map.flatten(1)
-    return flat.gather(1, rows * score_map.shape[-1] + cols)
+    return score_map.flatten(1).gather(1, raster_cells(centres, patch, score_map.shape[-1]))

@@ -78,6 +78,12 @@ def grid_centres(height: int, width: int, patch: int, device=None) -> Tensor:
     return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
 
 
+def raster_cells(centres: Tensor, patch: int, columns: int) -> Tensor:
+    """(...) raster index of the ``patch``-sized cell holding each centre (..., 2), in a
+    grid of ``columns`` cells per row (the inverse of ``grid_centres``)."""
+    return (centres[..., 1] // patch).long() * columns + (centres[..., 0] // patch).long()
+
+
 @functools.lru_cache(maxsize=32)
 def child_offsets(parent_patch: int, device=None) -> Tensor:
     """Offsets (x, y) of the 2x2 children's centres from their parent's centre, in the

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .edges import token_targets
 from .layers import LearnedTensor, mlp
 from .ratios import RatioPolicy
-from .tokens import TokenSet, child_offsets
+from .tokens import TokenSet, child_offsets, raster_cells
 
 
 class CentreEmbedding(nn.Module):
@@ -104,8 +104,7 @@ class UpsamplingBlock(nn.Module):
         if self.image_data:
             p = self.child_patch
             pixels = image_patches(images, p)
-            grid_w = images.shape[-1] // p
-            index = (centres[..., 1] // p).long() * grid_w + (centres[..., 0] // p).long()
+            index = raster_cells(centres, p, images.shape[-1] // p)
             pixels = pixels.gather(1, index[..., None].expand(-1, -1, pixels.shape[-1]))
             feats = feats + self.image_mlp(self.image_proj(pixels.to(feats.dtype)))
         scale_index = tokens.scales.new_full((b, 4 * k), tokens.num_stages)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..tokens import raster_cells
+
 
 def _check_covered(canvas: Tensor, message: str) -> None:
     uncovered = (canvas < 0).any()
@@ -41,9 +43,8 @@ def cover_pyramid(centres: list[Tensor], patches: list[int], height: int, width:
         else:  # each coarse cell becomes 2x2 cells
             canvas = (maps[-1].view(b, gh // 2, 1, gw // 2, 1).expand(b, gh // 2, 2, gw // 2, 2)
                       .reshape(b, gh * gw))
-        cells = (c[..., 1] // p).long() * gw + (c[..., 0] // p).long()
         ids = torch.arange(start, start + c.shape[1], device=device).expand(b, -1)
-        canvas = canvas.scatter(1, cells, ids)
+        canvas = canvas.scatter(1, raster_cells(c, p, gw), ids)
         if level == 0:  # finer levels only overwrite: a hole can only start here
             _check_covered(canvas, f"the tokens leave part of the {gh}x{gw} stride-{p} grid uncovered")
         maps.append(canvas)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..attention import cluster_neighbourhood
 from ..encoder import Block, Level, Stage
 from ..layers import LearnedTensor
+from ..tokens import raster_cells
 from ..upsampling import CentreEmbedding
 from .densify import Densify, cover_pyramid
 
@@ -51,8 +52,8 @@ class PointPixelDecoder(nn.Module):
     def forward(self, levels: list[Level], height: int, width: int) -> PixelDecoderOutput:
         fine, coarse = levels[0], levels[1:][::-1]  # coarse: patch 32, 16, 8
         embeds = self.level_embed().unbind(0)  # rows for patch 8, 16, 32
-        x = torch.cat([self.input_proj[j](lv.features) + embeds[j]
-                       for j, lv in reversed(list(enumerate(levels[1:])))], 1)
+        x = torch.cat([proj(lv.features) + emb for proj, lv, emb in
+                       zip(self.input_proj[::-1], coarse, embeds[::-1])], 1)
         coarse_centres = [lv.centres for lv in coarse]
         coarse_patches = [lv.patch for lv in coarse]
         centres = torch.cat(coarse_centres, 1)
@@ -67,8 +68,7 @@ class PointPixelDecoder(nn.Module):
         # FPN step for the finest tokens: add the refined feature of the covering token
         # (the stride-8 cover map, at the fine token's cell).
         p = coarse_patches[-1]
-        cell = (fine.centres[..., 1] // p).long() * (width // p) + (fine.centres[..., 0] // p).long()
-        parent = covers[-2].gather(1, cell)
+        parent = covers[-2].gather(1, raster_cells(fine.centres, p, width // p))
         parent_feat = x.gather(1, parent[..., None].expand(-1, -1, x.shape[-1]))
         fine_feat = self.fuse(self.lateral(fine.features) + parent_feat)
 
