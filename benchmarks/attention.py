@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, time_ms  # noqa: E402
-from model.attention import (NeighbourhoodAttention, _groups, cluster_neighbourhood,  # noqa: E402
-                             grid_neighbourhood, natten_fast_available, xformers_available)
+from model.attention import (BIAS_DIRECTIONS, BIAS_WAVELENGTHS, NeighbourhoodAttention,  # noqa: E402
+                             _groups, cluster_neighbourhood, grid_neighbourhood,
+                             natten_fast_available, xformers_available)
 from model.encoder import Block  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def main() -> None:
     t_cluster = run(lambda: cluster_neighbourhood(centres, 4.0, image_size=(512, 512)))
     t_exact = run(lambda: cluster_neighbourhood(centres, 4.0, image_size=(512, 512),
                                                 candidate_clusters=n))
-    heads, dq = args.dim // 32, 32 + 24
+    heads, dq = args.dim // 32, 32 + 2 * len(BIAS_WAVELENGTHS) * BIAS_DIRECTIONS  # + bias channels
     q = torch.randn(1, n, heads, dq, device=device, dtype=dtype)
     kv = torch.randn(1, n, heads, dq + 32, device=device, dtype=dtype)
     t_gather = run(lambda: _groups(q, kv, nbhd))
