@@ -66,7 +66,7 @@ def test_killed_training_worker_restarts_from_the_last_checkpoint(tmp_path, monk
 
 def test_killed_prep_job_reruns_to_identical_shards(tmp_path):
     src = tmp_path / "src"
-    fx.ade20k_with_bad_inputs(src, train=24, val=2)
+    fx.ade20k_with_bad_inputs(src, train=60, val=2)  # enough shards that the kill lands mid-job
     reference = prepare("ade20k", str(src), str(tmp_path / "ref"), shard_bytes=20_000,
                         progress=False, use_ray=False)
     out = tmp_path / "out"
