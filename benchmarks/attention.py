@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, time_ms  # noqa: E402
 from model.attention import (BIAS_DIRECTIONS, BIAS_WAVELENGTHS, NeighbourhoodAttention,  # noqa: E402
                              _groups, cluster_neighbourhood, grid_neighbourhood,
-                             natten_fast_available, xformers_available)
+                             natten_fast_available, values_padded_on, xformers_available)
 from model.encoder import Block  # noqa: E402
 
 
@@ -75,6 +75,16 @@ def main() -> None:
     ref = attn(x, nbhd)
     t_ref = run(lambda: attn(x, nbhd))
     line = f"2. {n} mixed tokens, clusters of 8, 48 keys: torch {t_ref:.2f} ms"
+    # Values as wide as queries (zero channels) let SDPA pick a fused kernel that wants one
+    # head size: the default on CPU; this measures whether it pays on this device.
+    padded, narrow = values_padded_on(device.type), values_padded_on()
+    with narrow:
+        t_narrow = run(lambda: attn(x, nbhd))
+    with padded:
+        err = (attn(x, nbhd).float() - ref.float()).abs().max().item()
+        t_padded = run(lambda: attn(x, nbhd))
+    line += (f" (values as they are {t_narrow:.2f} ms, padded to the query width {t_padded:.2f} ms, "
+             f"padded/narrow {t_padded / t_narrow:.2f}x, max |diff| {err:.1e})")
     if xformers_available():
         attn.backend = "xformers"
         err = (attn(x, nbhd).float() - ref.float()).abs().max().item()

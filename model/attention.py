@@ -43,26 +43,28 @@ CANDIDATE_CLUSTERS = 16
 
 @functools.lru_cache(maxsize=64)
 def bias_frequencies(unit: float, device=None, dtype=torch.float32) -> Tensor:
-    """Angular frequencies (F, 2) of the position-bias basis, in radians per pixel."""
-    angles = torch.arange(BIAS_DIRECTIONS, dtype=torch.float64) * (math.pi / BIAS_DIRECTIONS)
-    dirs = torch.stack([angles.cos(), angles.sin()], -1)
-    mags = torch.tensor([2 * math.pi / (w * unit) for w in BIAS_WAVELENGTHS], dtype=torch.float64)
-    return (mags[:, None, None] * dirs[None]).reshape(-1, 2).to(device, dtype)
+    """Angular frequencies (F, 2) of the position-bias basis, in radians per pixel, one row per
+    (wavelength, direction). Made on ``device`` directly: a constructor on the CPU feeding a
+    CUDA graph breaks inductor's device propagation (torch.compile on a GPU)."""
+    rows = [(2 * math.pi / (w * unit)) * f(math.pi * d / BIAS_DIRECTIONS)
+            for w in BIAS_WAVELENGTHS for d in range(BIAS_DIRECTIONS) for f in (math.cos, math.sin)]
+    return torch.tensor(rows, dtype=torch.float64, device=device).view(-1, 2).to(dtype)
 
 
-_pad_values_on_cpu = True
+_pad_values_on: frozenset[str] = frozenset({"cpu"})  # device types whose values are padded
 
 
 @contextlib.contextmanager
-def exact_arithmetic():
-    """Within it, values are not zero-padded to the query width on CPU (the padding only
-    lets SDPA use its fused CPU kernel): FLOP counts see the model's own multiply-adds."""
-    global _pad_values_on_cpu
-    saved, _pad_values_on_cpu = _pad_values_on_cpu, False
+def values_padded_on(*device_types: str):
+    """Within it, the torch backend zero-pads values to the query width on these device types
+    (by default only the CPU, where it reaches SDPA's fused kernel); ``values_padded_on()``
+    pads nowhere, so FLOP counts see the model's own multiply-adds."""
+    global _pad_values_on
+    saved, _pad_values_on = _pad_values_on, frozenset(device_types)
     try:
         yield
     finally:
-        _pad_values_on_cpu = saved
+        _pad_values_on = saved
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -225,13 +227,13 @@ def cluster_neighbourhood(centres: Tensor, unit: float, cluster_size: int = 8,
 def _window_keys(height: int, width: int, kernel: int, device: torch.device) -> Tensor:
     """(H*W, kernel^2) raster indices of natten's window around each cell."""
     def starts(length: int) -> Tensor:
-        i = torch.arange(length)
+        i = torch.arange(length, device=device)
         return (i - kernel // 2).clamp(0, length - kernel)
-    win = torch.arange(kernel)
+    win = torch.arange(kernel, device=device)
     rows = starts(height)[:, None] + win  # (H, k)
     cols = starts(width)[:, None] + win  # (W, k)
     idx = (rows[:, None, :, None] * width + cols[None, :, None, :])  # (H, W, k, k)
-    return idx.reshape(height * width, kernel * kernel).to(device)
+    return idx.reshape(height * width, kernel * kernel)
 
 
 def grid_neighbourhood(centres: Tensor, height: int, width: int, unit: float,
@@ -384,10 +386,11 @@ class NeighbourhoodAttention(nn.Module):
         u = nbhd.fourier[:, :, None].expand(-1, -1, self.heads, -1)
         backend = resolve_backend(self.backend, nbhd)
         pieces = [k, u.to(k.dtype), v]
-        if backend == "torch" and x.device.type == "cpu" and _pad_values_on_cpu:
+        if backend == "torch" and x.device.type in _pad_values_on:
             # SDPA's fused CPU kernel needs values as wide as queries (else a 3x slower
             # unfused path; BENCHMARKS.md): zero channels, cut off again below. CUDA's
-            # memory-efficient kernel takes the narrower values as they are.
+            # memory-efficient kernel takes the narrower values as they are
+            # (benchmarks/attention.py measures both there).
             pieces.append(v.new_zeros(b, n, self.heads, q.shape[-1] - self.head_dim))
         out = _ATTEND[backend](q, torch.cat(pieces, -1), nbhd, scale)[..., :self.head_dim]
         return self.proj(out.reshape(b, n, -1))

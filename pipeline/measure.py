@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from model import RatioPolicy, build_encoder
-from model.attention import exact_arithmetic
+from model.attention import values_padded_on
 from model.segmentor import build_segmentor
 
 TASKS = ("backbone", "segmentation")
@@ -39,7 +39,7 @@ _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _
 def flop_counter():
     """A ``FlopCounterMode`` that counts the model's own arithmetic, the same on every
     device (see ``count_gmacs``); ``.get_total_flops() / 2`` are multiply-adds."""
-    with exact_arithmetic(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+    with values_padded_on(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
         yield counter
 
 

@@ -27,6 +27,19 @@ def test_static_policies_trace_as_one_graph(model, kind):
     targets = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
     assert "dups.hilbert_table.default" in targets
     assert not any("xor" in t for t in targets)
+    # Every tensor made inside the graph is made on the input's device: a CPU constructor
+    # feeding GPU work is fine eagerly but breaks inductor on a GPU ("two different devices").
+    factories = {"arange", "tensor", "zeros", "ones", "full", "empty", "linspace", "logspace"}
+    deviceless = [_source_line(n) for g in explained.graphs for n in g.graph.nodes
+                  if n.op == "call_function" and getattr(n.target, "__name__", "") in factories
+                  and n.kwargs.get("device") is None]
+    assert not deviceless, deviceless
+
+
+def _source_line(node) -> str:
+    """The model's source line that made an FX node (its stack trace without caret lines)."""
+    return [line.strip() for line in (node.stack_trace or "").splitlines()
+            if set(line.strip()) - set("^~ ")][-1]
 
 
 def test_compiled_forward_equals_eager(model):
