@@ -248,8 +248,7 @@ def grid_neighbourhood(centres: Tensor, height: int, width: int, unit: float,
 
 
 @functools.lru_cache(maxsize=None)
-def xformers_available() -> bool:
-    """xformers imports and its memory-efficient kernel actually runs on this GPU."""
+def _xformers_runs() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
@@ -262,9 +261,7 @@ def xformers_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def natten_fast_available() -> bool:
-    """natten with its compiled CUDA library (without it natten falls back to flex
-    attention, which FACTS.md measured 40x slower than gather + SDPA)."""
+def _libnatten_present() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
@@ -274,6 +271,21 @@ def natten_fast_available() -> bool:
         return False
 
 
+# The probes are constants to torch.compile: run once when traced, never traced themselves.
+# Traced, their imports broke the graph at every attention call on a GPU (BENCHMARKS.md).
+@torch.compiler.assume_constant_result
+def xformers_available() -> bool:
+    """xformers imports and its memory-efficient kernel actually runs on this GPU."""
+    return _xformers_runs()
+
+
+@torch.compiler.assume_constant_result
+def natten_fast_available() -> bool:
+    """natten with its compiled CUDA library (without it natten falls back to flex
+    attention, which FACTS.md measured 40x slower than gather + SDPA)."""
+    return _libnatten_present()
+
+
 def resolve_backend(backend: str, nbhd: Neighbourhood) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -281,6 +293,8 @@ def resolve_backend(backend: str, nbhd: Neighbourhood) -> str:
         if backend == "natten" and nbhd.grid is None:
             raise ValueError("the natten backend needs tokens on a full regular grid")
         return backend
+    if nbhd.centres.device.type != "cuda":  # the fast kernels are CUDA kernels
+        return "torch"
     if nbhd.grid is not None and natten_fast_available():
         return "natten"
     if xformers_available():

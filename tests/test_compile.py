@@ -36,6 +36,25 @@ def test_static_policies_trace_as_one_graph(model, kind):
     assert not deviceless, deviceless
 
 
+def test_kernel_probes_are_constants_to_the_compiler(model, monkeypatch):
+    """The xformers / libnatten probes import and run kernels; traced, they broke the graph
+    at every attention call on a GPU. Here each probe breaks the graph if it is traced."""
+    import model.attention as attention
+
+    def untraceable() -> bool:
+        torch._dynamo.graph_break()
+        return False
+    monkeypatch.setattr(attention, "_xformers_runs", untraceable)
+    monkeypatch.setattr(attention, "_libnatten_present", untraceable)
+    def backend_choice(x):  # what resolve_backend asks, twice, as an attention layer per block
+        for _ in range(2):
+            x = x + attention.natten_fast_available() + attention.xformers_available()
+        return x
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(backend_choice)(torch.zeros(3))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
 def _source_line(node) -> str:
     """The model's source line that made an FX node (its stack trace without caret lines)."""
     return [line.strip() for line in (node.stack_trace or "").splitlines()
