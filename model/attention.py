@@ -103,8 +103,10 @@ class Neighbourhood:
 
     def __post_init__(self) -> None:
         b, n = self.centres.shape[:2]
-        with torch.no_grad():
-            centres = _at_least_fp32(self.centres)
+        centres = _at_least_fp32(self.centres)
+        # Angles reach hundreds of radians: a bf16 matmul (autocast's choice for @) would
+        # turn their sines into noise, so autocast is off here.
+        with torch.no_grad(), torch.autocast(centres.device.type, enabled=False):
             theta = centres @ bias_frequencies(self.unit, centres.device, centres.dtype).T
             cos, sin = theta.cos(), theta.sin()
             self.fourier = torch.cat([cos, sin], -1)  # (B, N, 2F)

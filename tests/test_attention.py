@@ -194,6 +194,19 @@ def test_hilbert_table_lookup_equals_direct_codes():
         assert torch.equal(direct, looked_up)
 
 
+def test_position_features_keep_fp32_under_autocast():
+    """Bias angles reach hundreds of radians at 512 px: under bf16 autocast they must still be
+    computed in fp32 (a bf16 matmul put errors of 1.4 into their sines and cosines)."""
+    torch.manual_seed(3)
+    centres = torch.rand(1, 2000, 2) * 512
+    want = cluster_neighbourhood(centres, 4.0, image_size=(512, 512))
+    with torch.autocast("cpu", torch.bfloat16):
+        got = cluster_neighbourhood(centres, 4.0, image_size=(512, 512))
+    assert got.fourier.dtype == torch.float32
+    torch.testing.assert_close(got.fourier, want.fourier, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.fourier_turned, want.fourier_turned, rtol=0, atol=1e-6)
+
+
 def test_two_level_search_finds_the_nearest_keys():
     """With more clusters than candidate clusters the search is two-level; its keys must be
     (up to ties) the exact nearest ones for nearly every cluster, never far off for any, and
