@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,7 @@ class Neighbourhood:
     indices (batch offsets folded in) for the one-op gathers: ``key_rows`` (B*G*K),
     ``query_rows`` (B*G*M, cluster mode) and ``inverse_group``, ``inverse_slot`` (B*N each,
     cluster mode: the group and the slot in it of every token, in row order).
+    Every block of a stage shares one Neighbourhood, so what they all need is made here once.
     """
 
     key_index: Tensor
@@ -100,6 +101,7 @@ class Neighbourhood:
     order: Tensor | None = None
     cluster_size: int = 1
     grid: tuple[int, int, int] | None = None
+    _key_features: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         b, n = self.centres.shape[:2]
@@ -120,6 +122,14 @@ class Neighbourhood:
                 inverse = (torch.argsort(self.order, dim=1) + batch * slots).flatten()
                 self.inverse_group = inverse // self.cluster_size
                 self.inverse_slot = inverse % self.cluster_size
+
+    def key_features(self, dtype: torch.dtype, scale: float) -> Tensor:
+        """(B, N, 2F) the keys' bias channels: the Fourier features divided by the attention
+        scale (which SDPA multiplies back, so the bias enters unscaled), in ``dtype``; made
+        once per stage and dtype, not once per block."""
+        if (dtype, scale) not in self._key_features:
+            self._key_features[dtype, scale] = (self.fourier / scale).to(dtype)
+        return self._key_features[dtype, scale]
 
     @property
     def groups(self) -> int:
@@ -338,19 +348,16 @@ def attend_torch(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Te
 
 
 def attend_xformers(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
-    """Same groups as the reference, through xformers' memory-efficient kernel (CUDA)."""
+    """Same groups as the reference, through xformers' memory-efficient kernel (CUDA), which
+    wants one head size: ``kv``'s values arrive as wide as the queries (forward pads them)."""
     import xformers.ops as xops
     b, n, h, dq = q.shape
     qg, kvg = _groups(q, kv, nbhd)
     g, m = qg.shape[1], qg.shape[2]
-    kg, vg = kvg[..., :dq], kvg[..., dq:]
-    dv = vg.shape[-1]
-    if dv != dq:  # the kernel wants one head size: pad values with zeros
-        vg = F.pad(vg, (0, dq - dv))
     out = xops.memory_efficient_attention(
-        qg.reshape(b * g, m, h, dq), kg.reshape(b * g, -1, h, dq),
-        vg.reshape(b * g, -1, h, dq), scale=scale)[..., :dv]
-    return _rows_in_order(out.reshape(b * g, m, h, dv).transpose(1, 2), nbhd, n)
+        qg.reshape(b * g, m, h, dq), kvg[..., :dq].reshape(b * g, -1, h, dq),
+        kvg[..., dq:].reshape(b * g, -1, h, dq), scale=scale)
+    return _rows_in_order(out.transpose(1, 2), nbhd, n)
 
 
 def attend_natten(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
@@ -393,20 +400,21 @@ class NeighbourhoodAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
         scale = self.head_dim ** -0.5
         # The bias as extra channels: q gets a cos(w.pq) - c sin(w.pq) | a sin + c cos,
-        # k gets cos(w.pk) | sin(w.pk); their product is sum a cos(w.d) + c sin(w.d).
-        # Two kernels: a * [cos | sin] + c * [-sin | cos], per head, over (B, N, h, 2, F).
+        # k gets [cos(w.pk) | sin(w.pk)] / scale; their product times SDPA's scale is
+        # sum a cos(w.d) + c sin(w.d). Two kernels for q: a * [cos | sin] + c * [-sin | cos],
+        # per head, over (B, N, h, 2, F); k's channels are shared by the stage's blocks.
         halves = (b, n, 1, 2, -1)
-        a, c = (self.position_bias / scale).unbind(0)  # (h, 1, F) each
+        a, c = self.position_bias.unbind(0)  # (h, 1, F) each
         q_extra = torch.addcmul(nbhd.fourier.view(halves) * a, nbhd.fourier_turned.view(halves), c)
         q = torch.cat([q, q_extra.flatten(-2).to(q.dtype)], -1)
-        u = nbhd.fourier[:, :, None].expand(-1, -1, self.heads, -1)
+        u = nbhd.key_features(k.dtype, scale)[:, :, None].expand(-1, -1, self.heads, -1)
         backend = resolve_backend(self.backend, nbhd)
-        pieces = [k, u.to(k.dtype), v]
-        if backend == "torch" and x.device.type in _pad_values_on:
-            # SDPA's fused CPU kernel needs values as wide as queries (else a 3x slower
-            # unfused path; BENCHMARKS.md): zero channels, cut off again below. CUDA's
-            # memory-efficient kernel takes the narrower values as they are
-            # (benchmarks/attention.py measures both there).
+        pieces = [k, u, v]
+        if backend == "xformers" or (backend == "torch" and x.device.type in _pad_values_on):
+            # Values as wide as queries (zero channels, cut off again below): xformers'
+            # kernel wants one head size, and so does SDPA's fused CPU kernel (else a 3x
+            # slower unfused path). CUDA's memory-efficient kernel takes the narrower values
+            # as they are (padding them cost 1.09x on the H100; BENCHMARKS.md).
             pieces.append(v.new_zeros(b, n, self.heads, q.shape[-1] - self.head_dim))
         out = _ATTEND[backend](q, torch.cat(pieces, -1), nbhd, scale)[..., :self.head_dim]
         return self.proj(out.reshape(b, n, -1))

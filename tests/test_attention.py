@@ -163,6 +163,27 @@ def test_xformers_equals_reference_on_gpu(attn):
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
 
 
+def test_xformers_plumbing_equals_reference(attn, monkeypatch):
+    """The xformers path's own work (value padding, BMHK layouts, row order) checked on the
+    CPU, where xformers has no kernel: its kernel is replaced by exact attention in
+    xformers' layout, (batch, tokens, heads, head size) with one head size for all three."""
+    xops = pytest.importorskip("xformers.ops")
+
+    def exact_bmhk(q, k, v, scale):
+        assert q.shape[-1] == k.shape[-1] == v.shape[-1]  # what the real kernel requires
+        out = torch.softmax(torch.einsum("bmhd,bkhd->bhmk", q, k) * scale, -1)
+        return torch.einsum("bhmk,bkhd->bmhd", out, v)
+    monkeypatch.setattr(xops, "memory_efficient_attention", exact_bmhk)
+    torch.manual_seed(5)
+    centres = torch.rand(2, 300, 2, dtype=torch.float64) * 500
+    x = torch.randn(2, 300, 32, dtype=torch.float64)
+    nbhd = cluster_neighbourhood(centres, unit=8.0)
+    attn.backend = "torch"
+    want = attn(x, nbhd)
+    attn.backend = "xformers"
+    torch.testing.assert_close(attn(x, nbhd), want, rtol=1e-9, atol=1e-9)
+
+
 def test_bias_parameters_learn(attn):
     torch.manual_seed(6)
     x, centres = grid_inputs(4, 4)
