@@ -17,6 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # First the launch-cost questions (kernels per forward; latency with the launch cost removed
 # by replaying a captured CUDA graph; one model per process at batch 8), then compile.
 step 120 benchmarks/launches.py --top 8
+step 240 benchmarks/launches.py --top 12 --bf16 --compile --models fixed peer
 step 150 benchmarks/peer.py --repeats 20 --bf16 --cuda-graph
 step 150 benchmarks/peer.py --repeats 10 --bf16 --batch 8 --cuda-graph
 for m in fixed full peer; do
@@ -26,6 +27,7 @@ done
 # the peer cannot be captured by --cuda-graph (transformers copies host tensors in its forward).
 step 420 benchmarks/peer.py --repeats 20 --bf16 --compile reduce-overhead --models fixed peer
 if [ "${1:-}" != quick ]; then
+    step 420 benchmarks/peer.py --repeats 10 --bf16 --batch 8 --compile reduce-overhead --models fixed peer
     step 120 benchmarks/backbone.py --task segmentation --repeats 20 --bf16
     step 120 benchmarks/backbone.py --task segmentation --repeats 10 --bf16 --batch 8
     step 120 benchmarks/attention.py --repeats 20 --bf16 --grid 128

@@ -6,7 +6,13 @@ At batch 1 a GPU is launch-bound (FACTS.md): latency follows the number of kerne
 host syncs that stop the CPU from queueing ahead, not FLOPs. This script says which of our
 functions issue them.
 
-    .venv/bin/python benchmarks/launches.py [--image-size 512] [--top 12]
+    .venv/bin/python benchmarks/launches.py [--image-size 512] [--top 12] [--bf16]
+        [--models peer fixed full] [--compile]
+
+``--compile`` (GPU) profiles each model compiled by inductor instead (mode "default", so its
+fused kernels are launched one by one and visible): kernels per forward, the GPU's busy time
+(the sum of kernel durations, against the forward's wall time) and the kernels that take it.
+That splits a compiled batch-1 latency into launch gaps and kernel time.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import device_name  # noqa: E402
+from benchmarks.common import device_name, time_ms  # noqa: E402
 from benchmarks.peer import swin_t_mask2former  # noqa: E402
 from model import RatioPolicy  # noqa: E402
 from model.segmentor import build_segmentor  # noqa: E402
@@ -50,16 +56,20 @@ class OpCounter(TorchDispatchMode):
         return "other"
 
 
-def cuda_counts(fn) -> tuple[int, int]:
-    """(kernels launched, host syncs) in one call of ``fn`` on the GPU."""
+def cuda_counts(fn) -> tuple[int, int, float, collections.Counter]:
+    """(kernels launched, host syncs, GPU busy ms, busy microseconds per kernel name) in one
+    call of ``fn`` on the GPU."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy: collections.Counter = collections.Counter()
+    for e in kernels:
+        busy[e.name[:90]] += e.time_range.elapsed_us()
     syncs = sum(1 for e in prof.events() if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                        "cudaMemcpyAsync") and e.device_type.name == "CPU")
-    return kernels, syncs
+    return len(kernels), syncs, sum(busy.values()) / 1e3, busy
 
 
 @torch.no_grad()
@@ -67,31 +77,52 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--models", nargs="+", choices=["peer", "fixed", "full"], default=["peer", "fixed", "full"])
+    ap.add_argument("--compile", action="store_true", help="profile inductor-compiled models (GPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.compile and device.type != "cuda":
+        raise SystemExit("--compile profiles GPU kernels: it needs a CUDA device")
     torch.manual_seed(0)
     image = torch.randn(1, 3, args.image_size, args.image_size, device=device)
-    peer = swin_t_mask2former(150).eval().to(device)
+    peer = swin_t_mask2former(150).eval().to(device) if "peer" in args.models else None
     dups = build_segmentor("dups_tiny", 150).eval().to(device)
+    if args.compile:
+        peer = peer and torch.compile(peer, dynamic=False)
+        dups = torch.compile(dups, dynamic=False)
     runs = {
-        "Mask2Former Swin-T": lambda: peer(pixel_values=image),
-        "DUPS-Tiny fixed beta": lambda: dups(image, RatioPolicy.from_preset("fixed", "ade20k")),
-        "DUPS-Tiny full": lambda: dups(image, RatioPolicy("full")),
+        "Mask2Former Swin-T": ("peer", lambda: peer(pixel_values=image)),
+        "DUPS-Tiny fixed beta": ("fixed", lambda: dups(image, RatioPolicy.from_preset("fixed", "ade20k"))),
+        "DUPS-Tiny full": ("full", lambda: dups(image, RatioPolicy("full"))),
     }
-    print(f"{args.image_size}x{args.image_size}, batch 1, {device_name(device)}, fp32, eager")
-    for name, fn in runs.items():
-        fn()  # warm-up: lazy initialisation and caches
-        counter = OpCounter()
-        with counter:
-            fn()
-        line = f"{name}: {sum(counter.by_site.values())} operators"
-        if device.type == "cuda":
-            kernels, copies = cuda_counts(fn)
-            line += f", {kernels} CUDA kernels, {copies} blocking syncs/copies"
+    how = "compiled (inductor, default mode)" if args.compile else "eager"
+    print(f"{args.image_size}x{args.image_size}, batch 1, {device_name(device)}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, {how}")
+    for name, (key, fn) in runs.items():
+        if key not in args.models:
+            continue
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            fn(), fn()  # warm-up: lazy initialisation, caches, compilation
+            parts, sites = [], collections.Counter()
+            if not args.compile:  # compiled code runs below the dispatcher's Python modes
+                counter = OpCounter()
+                with counter:
+                    fn()
+                parts, sites = [f"{sum(counter.by_site.values())} operators"], counter.by_site
+            if device.type == "cuda":
+                wall = min(time_ms(fn, device) for _ in range(5))
+                kernels, copies, busy, by_kernel = cuda_counts(fn)
+                parts += [f"{kernels} CUDA kernels", f"GPU busy {busy:.2f} ms of {wall:.2f} ms wall "
+                          f"({busy / wall:.0%})", f"{copies} blocking syncs/copies"]
+                if args.compile:
+                    sites = collections.Counter({k: round(v) for k, v in by_kernel.items()})
+        line = f"{name}: {', '.join(parts)}"
         print(line)
-        for site, count in counter.by_site.most_common(args.top):
-            print(f"    {count:6d}  {site}")
+        unit = "us GPU" if args.compile else ""
+        for site, count in sites.most_common(args.top):
+            print(f"    {count:6d}{unit}  {site}")
 
 
 if __name__ == "__main__":
