@@ -81,7 +81,8 @@ def grid_centres(height: int, width: int, patch: int, device=None) -> Tensor:
 def raster_cells(centres: Tensor, patch: int, columns: int) -> Tensor:
     """(...) raster index of the ``patch``-sized cell holding each centre (..., 2), in a
     grid of ``columns`` cells per row (the inverse of ``grid_centres``)."""
-    return (centres[..., 1] // patch).long() * columns + (centres[..., 0] // patch).long()
+    cells = (centres // patch).long()
+    return cells[..., 1] * columns + cells[..., 0]
 
 
 @functools.lru_cache(maxsize=32)
