@@ -90,7 +90,7 @@ def main() -> None:
     peer = swin_t_mask2former(150).eval().to(device) if "peer" in args.models else None
     dups = build_segmentor("dups_tiny", 150).eval().to(device)
     if args.compile:
-        peer = peer and torch.compile(peer, dynamic=False)
+        peer = torch.compile(peer, dynamic=False) if peer is not None else None
         dups = torch.compile(dups, dynamic=False)
     runs = {
         "Mask2Former Swin-T": ("peer", lambda: peer(pixel_values=image)),
