@@ -9,10 +9,12 @@ functions issue them.
     .venv/bin/python benchmarks/launches.py [--image-size 512] [--top 12] [--bf16]
         [--models peer fixed full] [--compile]
 
-``--compile`` (GPU) profiles each model compiled by inductor instead (mode "default", so its
-fused kernels are launched one by one and visible): kernels per forward, the GPU's busy time
-(the sum of kernel durations, against the forward's wall time) and the kernels that take it.
-That splits a compiled batch-1 latency into launch gaps and kernel time.
+``--compile`` profiles each model compiled by inductor instead (mode "default", so its fused
+kernels are launched one by one and visible). On a GPU: kernels per forward, the GPU's busy
+time (the sum of kernel durations, against the forward's wall time) and the kernels that take
+it, which splits a compiled batch-1 latency into launch gaps and kernel time. On a CPU: the
+compiled forward's launches, inductor's fused kernels and the library calls it keeps (GEMMs,
+attention), which is how many kernels the same fusion leaves for a GPU to launch.
 """
 from __future__ import annotations
 
@@ -56,6 +58,19 @@ class OpCounter(TorchDispatchMode):
         return "other"
 
 
+def compiled_launches(fn) -> tuple[int, collections.Counter]:
+    """(inductor's fused kernels, library calls per operator) in one call of a compiled ``fn``
+    on the CPU: the direct children of the compiled graph's call in the profile (needs
+    ``torch._inductor.config.cpp.enable_kernel_profile`` set before compiling)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    calls = [e.name for e in prof.events()
+             if e.cpu_parent is not None and e.cpu_parent.name.startswith("## Call CompiledFxGraph")]
+    fused = sum(1 for name in calls if "cpp_fused" in name)
+    return fused, collections.Counter(name for name in calls if name.startswith("aten::"))
+
+
 def cuda_counts(fn) -> tuple[int, int, float, collections.Counter]:
     """(kernels launched, host syncs, GPU busy ms, busy microseconds per kernel name) in one
     call of ``fn`` on the GPU."""
@@ -83,8 +98,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    if args.compile and device.type != "cuda":
-        raise SystemExit("--compile profiles GPU kernels: it needs a CUDA device")
+    if args.compile and device.type == "cpu":
+        import torch._inductor.config as inductor_config
+        inductor_config.cpp.enable_kernel_profile = True  # fused kernels in the profile
     torch.manual_seed(0)
     image = torch.randn(1, 3, args.image_size, args.image_size, device=device)
     peer = swin_t_mask2former(150).eval().to(device) if "peer" in args.models else None
@@ -111,6 +127,11 @@ def main() -> None:
                 with counter:
                     fn()
                 parts, sites = [f"{sum(counter.by_site.values())} operators"], counter.by_site
+            if args.compile and device.type == "cpu":
+                fused, library = compiled_launches(fn)
+                parts = [f"{fused + sum(library.values())} launches: {fused} fused kernels + "
+                         f"{sum(library.values())} library calls"]
+                sites = library
             if device.type == "cuda":
                 wall = min(time_ms(fn, device) for _ in range(5))
                 kernels, copies, busy, by_kernel = cuda_counts(fn)
@@ -120,7 +141,7 @@ def main() -> None:
                     sites = collections.Counter({k: round(v) for k, v in by_kernel.items()})
         line = f"{name}: {', '.join(parts)}"
         print(line)
-        unit = "us GPU" if args.compile else ""
+        unit = "us GPU" if args.compile and device.type == "cuda" else ""
         for site, count in sites.most_common(args.top):
             print(f"    {count:6d}{unit}  {site}")
 
