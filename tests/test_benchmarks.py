@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end on small inputs (their figures are in BENCHMARKS.md;
+this only keeps them from rotting between GPU visits): each prints its table."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.timeout(320)
+def test_launches_counts_operators_per_site():
+    out = run_script("benchmarks/launches.py", "--image-size", "128", "--models", "fixed", "--top", "3")
+    line = next(line for line in out.splitlines() if line.startswith("DUPS-Tiny fixed beta:"))
+    assert int(line.split(":")[1].split()[0]) > 100  # operators per forward
+    assert "model/attention.py:forward" in out
+
+
+@pytest.mark.timeout(320)
+def test_attention_benchmark_compares_paths():
+    out = run_script("benchmarks/attention.py", "--tokens", "512", "--grid", "8", "--repeats", "1")
+    assert "padded/narrow" in out and "max |diff| 0.0e+00" in out  # padding changes no value
+    assert out.count("\n") >= 4
+
+
+@pytest.mark.timeout(320)
+def test_peer_benchmark_reports_gflops_and_ratio():
+    out = run_script("benchmarks/peer.py", "--image-size", "128", "--repeats", "1")
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines() if line.startswith(("Mask2", "DUPS"))}
+    assert set(rows) == {"Mask2Former Swin-T", "DUPS-Tiny fixed beta", "DUPS-Tiny full"}
+    assert rows["Mask2Former Swin-T"][-1] == "1.000"  # the peer is its own reference
