@@ -51,14 +51,14 @@ def bias_frequencies(unit: float, device=None, dtype=torch.float32) -> Tensor:
     return torch.tensor(rows, dtype=torch.float64, device=device).view(-1, 2).to(dtype)
 
 
-_pad_values_on: frozenset[str] = frozenset({"cpu"})  # device types whose values are padded
+_pad_values_on: frozenset[str] = frozenset({"cpu"})  # device types whose values are read wide
 
 
 @contextlib.contextmanager
 def values_padded_on(*device_types: str):
-    """Within it, the torch backend zero-pads values to the query width on these device types
-    (by default only the CPU, where it reaches SDPA's fused kernel); ``values_padded_on()``
-    pads nowhere, so FLOP counts see the model's own multiply-adds."""
+    """Within it, the torch backend reads values as wide as the queries on these device types
+    (by default only the CPU, where that reaches SDPA's fused kernel; ``attend_torch``);
+    ``values_padded_on()`` pads nowhere, so FLOP counts see the model's own multiply-adds."""
     global _pad_values_on
     saved, _pad_values_on = _pad_values_on, frozenset(device_types)
     try:
@@ -315,7 +315,7 @@ def resolve_backend(backend: str, nbhd: Neighbourhood) -> str:
 
 
 def _groups(q: Tensor, kv: Tensor, nbhd: Neighbourhood) -> tuple[Tensor, Tensor]:
-    """One gather each: queries (B, G, M, h, dq) and keys+values (B, G, K, h, dq+dv)."""
+    """One gather each: queries (B, G, M, h, dq) and packed values+keys (B, G, K, h, dv+dq)."""
     # index_select of whole rows: 1.2-1.8x faster than advanced indexing on a CPU, where
     # these gathers took 37% of a batch-8 forward (BENCHMARKS.md)
     b, n, h = q.shape[:3]
@@ -328,39 +328,49 @@ def _groups(q: Tensor, kv: Tensor, nbhd: Neighbourhood) -> tuple[Tensor, Tensor]
     return qg, kvg.view(b, nbhd.groups, -1, h, kv.shape[-1])
 
 
-def _rows_in_order(out: Tensor, nbhd: Neighbourhood, n: int) -> Tensor:
-    """(B*G, h, M, dv) in group order, any strides -> (B, N, h, dv) in row order (padding
-    dropped): one gather, no copy to make the groups contiguous first."""
-    h, dv = out.shape[1], out.shape[-1]
+def _rows_in_order(out: Tensor, nbhd: Neighbourhood, n: int, dv: int) -> Tensor:
+    """(B*G, h, M, >= dv) in group order, any strides -> (B, N, h, dv) in row order (padding
+    and extra value channels dropped): one gather, no copy to make the groups contiguous first."""
+    h, out = out.shape[1], out[..., :dv]
     if nbhd.inverse_group is None:  # grid mode: M = 1, groups are the rows
         return out.reshape(-1, n, h, dv)
     return out[nbhd.inverse_group, :, nbhd.inverse_slot].view(-1, n, h, dv)
 
 
 def attend_torch(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
-    """Reference path: gather each group's queries and keys/values, then SDPA.
-    ``q`` (B, N, h, dq), ``kv`` (B, N, h, dq + dv) -> (B, N, h, dv)."""
+    """Reference path: gather each group's queries and values+keys, then SDPA.
+    ``q`` (B, N, h, dq), ``kv`` (B, N, h, dv + dq) packed as [values | keys] -> (B, N, h, dv).
+    On the devices of ``values_padded_on`` (the CPU) SDPA reads the first dq channels as
+    values, as wide as the queries, which takes its fused kernel (3x faster there than the
+    unfused one that mixed head sizes get); the extra channels are the keys' first ones and
+    only make output channels that are dropped, so no zeros are made or gathered. CUDA's
+    memory-efficient kernel takes the narrower values as they are (wide ones cost 1.09x on
+    the H100)."""
     b, n, h, dq = q.shape
+    dv = kv.shape[-1] - dq
     qg, kvg = _groups(q, kv, nbhd)
     g, m = qg.shape[1], qg.shape[2]
     # 4-D (B*G, h, tokens, d): the layout SDPA kernels (and inductor's attention
     # pattern matcher, which fails on 5-D inputs) expect.
     qg, kvg = qg.reshape(b * g, m, h, dq).transpose(1, 2), kvg.flatten(0, 1).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qg, kvg[..., :dq], kvg[..., dq:], scale=scale)
-    return _rows_in_order(out, nbhd, n)
+    values = kvg[..., :dq if q.device.type in _pad_values_on else dv]
+    out = F.scaled_dot_product_attention(qg, kvg[..., dv:], values, scale=scale)
+    return _rows_in_order(out, nbhd, n, dv)
 
 
 def attend_xformers(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
     """Same groups as the reference, through xformers' memory-efficient kernel (CUDA), which
-    wants one head size: ``kv``'s values arrive as wide as the queries (forward pads them)."""
+    wants one head size: it reads the first dq channels of the packed [values | keys] as
+    values (as the CPU path does; the extra output channels are dropped)."""
     import xformers.ops as xops
     b, n, h, dq = q.shape
+    dv = kv.shape[-1] - dq
     qg, kvg = _groups(q, kv, nbhd)
     g, m = qg.shape[1], qg.shape[2]
-    out = xops.memory_efficient_attention(
-        qg.reshape(b * g, m, h, dq), kvg[..., :dq].reshape(b * g, -1, h, dq),
-        kvg[..., dq:].reshape(b * g, -1, h, dq), scale=scale)
-    return _rows_in_order(out.transpose(1, 2), nbhd, n)
+    kvg = kvg.reshape(b * g, -1, h, dv + dq)
+    out = xops.memory_efficient_attention(qg.reshape(b * g, m, h, dq), kvg[..., dv:],
+                                          kvg[..., :dq], scale=scale)
+    return _rows_in_order(out.transpose(1, 2), nbhd, n, dv)
 
 
 def attend_natten(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
@@ -368,8 +378,8 @@ def attend_natten(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> T
     from natten import na2d
     b, n, h, dq = q.shape
     height, width, kernel = nbhd.grid
-    k, v = kv[..., :dq], kv[..., dq:]
-    dv = v.shape[-1]
+    dv = kv.shape[-1] - dq
+    v, k = kv[..., :dv], kv[..., dv:]
     # natten wants one head size, a power of two: zero channels change no dot product.
     size = 1 << (dq - 1).bit_length()
     q, k, v = (F.pad(t, (0, size - t.shape[-1])).reshape(b, height, width, h, size)
@@ -412,12 +422,7 @@ class NeighbourhoodAttention(nn.Module):
         q = torch.cat([q, q_extra.flatten(-2).to(q.dtype)], -1)
         u = nbhd.key_features(k.dtype, scale)[:, :, None].expand(-1, -1, self.heads, -1)
         backend = resolve_backend(self.backend, nbhd)
-        pieces = [k, u, v]
-        if backend == "xformers" or (backend == "torch" and x.device.type in _pad_values_on):
-            # Values as wide as queries (zero channels, cut off again below): xformers'
-            # kernel wants one head size, and so does SDPA's fused CPU kernel (else a 3x
-            # slower unfused path). CUDA's memory-efficient kernel takes the narrower values
-            # as they are (padding them cost 1.09x on the H100; BENCHMARKS.md).
-            pieces.append(v.new_zeros(b, n, self.heads, q.shape[-1] - self.head_dim))
-        out = _ATTEND[backend](q, torch.cat(pieces, -1), nbhd, scale)[..., :self.head_dim]
+        # Values first: kernels that want values as wide as queries read past them into the
+        # keys instead of gathering zero padding (attend_torch).
+        out = _ATTEND[backend](q, torch.cat([v, k, u], -1), nbhd, scale)
         return self.proj(out.reshape(b, n, -1))

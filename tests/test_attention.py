@@ -164,7 +164,7 @@ def test_xformers_equals_reference_on_gpu(attn):
 
 
 def test_xformers_plumbing_equals_reference(attn, monkeypatch):
-    """The xformers path's own work (value padding, BMHK layouts, row order) checked on the
+    """The xformers path's own work (wide values, BMHK layouts, row order) checked on the
     CPU, where xformers has no kernel: its kernel is replaced by exact attention in
     xformers' layout, (batch, tokens, heads, head size) with one head size for all three."""
     xops = pytest.importorskip("xformers.ops")
@@ -182,6 +182,33 @@ def test_xformers_plumbing_equals_reference(attn, monkeypatch):
     want = attn(x, nbhd)
     attn.backend = "xformers"
     torch.testing.assert_close(attn(x, nbhd), want, rtol=1e-9, atol=1e-9)
+
+
+def test_cpu_attention_takes_the_fused_kernel_and_gathers_no_padding(attn):
+    """On a CPU, SDPA's fused kernel needs values as wide as the queries (else a 3x slower
+    unfused path): they are read from the packed [values | keys] rows, so the gather moves
+    only real channels (head 16 + 24 bias channels for the keys, 16 for the values)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            calls.append((func.__name__, tuple(out.shape) if torch.is_tensor(out) else None))
+            return out
+    module = attn.float()
+    centres = torch.rand(1, 200, 2) * 300
+    x = torch.randn(1, 200, 32)
+    nbhd = cluster_neighbourhood(centres, unit=8.0)
+    with torch.no_grad(), Record():
+        module(x, nbhd)
+    names = [name for name, _ in calls]
+    assert names.count("_scaled_dot_product_flash_attention_for_cpu.default") == 1
+    gathered = [shape for name, shape in calls if name.startswith("index_select")]
+    heads, dq = 2, 16 + 24
+    assert gathered == [(nbhd.query_rows.numel(), heads * dq), (nbhd.key_rows.numel(), heads * (16 + dq))]
+    assert not any(name.startswith(("zeros", "new_zeros", "constant_pad")) for name in names)
 
 
 def test_bias_parameters_learn(attn):
