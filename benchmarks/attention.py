@@ -75,8 +75,9 @@ def main() -> None:
     ref = attn(x, nbhd)
     t_ref = run(lambda: attn(x, nbhd))
     line = f"2. {n} mixed tokens, clusters of 8, 48 keys: torch {t_ref:.2f} ms"
-    # Values as wide as queries (zero channels) let SDPA pick a fused kernel that wants one
-    # head size: the default on CPU; this measures whether it pays on this device.
+    # Values read as wide as the queries (past the values into the keys' channels) let SDPA
+    # pick a fused kernel that wants one head size: the default on CPU; this measures whether
+    # it pays on this device.
     padded, narrow = values_padded_on(device.type), values_padded_on()
     with narrow:
         out_narrow = attn(x, nbhd)
@@ -84,7 +85,7 @@ def main() -> None:
     with padded:  # compared with the narrow values, whichever the device's default is
         err = (attn(x, nbhd).float() - out_narrow.float()).abs().max().item()
         t_padded = run(lambda: attn(x, nbhd))
-    line += (f" (values as they are {t_narrow:.2f} ms, padded to the query width {t_padded:.2f} ms, "
+    line += (f" (values as they are {t_narrow:.2f} ms, read as wide as the queries {t_padded:.2f} ms, "
              f"padded/narrow {t_padded / t_narrow:.2f}x, max |diff| {err:.1e})")
     if xformers_available():
         attn.backend = "xformers"
