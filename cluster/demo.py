@@ -66,6 +66,8 @@ def run_demo(out: str = "demo_run", iters: int = 300, train_images: int = 48, va
           f"full {full.gflops_mean:.3f} ({dynamic.gflops_mean / full.gflops_mean:.2f}x)")
     print("tokens per stage: dynamic " + " / ".join(f"{t:.0f}" for t in dynamic.tokens_per_stage)
           + ", full " + " / ".join(f"{t:.0f}" for t in full.tokens_per_stage))
+    if dynamic.split_ratio:
+        print(dynamic.selection_line())
     print(f"finished in {summary['seconds'] / 60:.1f} min; checkpoint {checkpoint}")
     print(f"open the MLflow UI: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)} "
           f"--host 127.0.0.1  (token-selection pictures are in each run's artifacts/pictures)")

@@ -1,5 +1,6 @@
 """Semantic-segmentation evaluation: mIoU (single scale, multi-scale + flip, sliding window),
-per-class IoU, FLOPs mean +- std per image, tokens per stage, score MSE, pictures.
+per-class IoU, FLOPs mean +- std per image, tokens per stage, score MSE, how the score heads
+select against the ground truth (per upsampling block), pictures.
 
 Each rank evaluates its share of the validation samples; the confusion matrix and the
 per-image lists are summed/gathered across ranks.
@@ -48,11 +49,20 @@ class EvalResult:
     tokens_per_stage: list[float]
     score_mse: float
     pictures: list = field(default_factory=list)  # PIL images (rank 0's first ones)
+    # Per upsampling block (scales 32, 16, 8), mean over images: the fraction of its
+    # candidates it split, and the fraction eq. 1 would split with the ground-truth scores
+    # (edge fraction > tau_s): a trained head should come near it. Edge recall: of the
+    # candidates whose ground truth exceeds tau_s, the fraction split (all images pooled).
+    split_ratio: list[float] = field(default_factory=list)
+    oracle_ratio: list[float] = field(default_factory=list)
+    edge_recall: list[float] = field(default_factory=list)
 
     def metrics(self, prefix: str = "val/") -> dict[str, float]:
         out = {f"{prefix}mIoU": self.miou, f"{prefix}gflops_mean": self.gflops_mean,
                f"{prefix}gflops_std": self.gflops_std, f"{prefix}score_mse": self.score_mse}
         out.update({f"{prefix}tokens_stage{i + 1}": t for i, t in enumerate(self.tokens_per_stage)})
+        for name in ("split_ratio", "oracle_ratio", "edge_recall"):
+            out.update({f"{prefix}{name}_block{i + 1}": v for i, v in enumerate(getattr(self, name))})
         return out
 
     def table(self, class_names: list[str]) -> str:
@@ -63,7 +73,17 @@ class EvalResult:
         lines.append(f"GFLOPs per image (multiply-adds): {self.gflops_mean:.2f} +- {self.gflops_std:.2f} "
                      f"over {self.images} images; tokens per stage "
                      + " / ".join(f"{t:.0f}" for t in self.tokens_per_stage))
+        if self.split_ratio:
+            lines.append(self.selection_line())
         return "\n".join(lines)
+
+    def selection_line(self) -> str:
+        """The upsampling blocks' choices against the ground truth, in one line."""
+        def row(values: list[float], fmt: str) -> str:
+            return " / ".join("-" if math.isnan(v) else format(v, fmt) for v in values)
+        return (f"upsampling blocks (scales 32 / 16 / 8) split {row(self.split_ratio, '.2f')} of their "
+                f"candidates; the ground truth (eq. 1 on true edge fractions) would split "
+                f"{row(self.oracle_ratio, '.2f')}; edge tokens split {row(self.edge_recall, '.0%')}")
 
 
 def _probs(model: DUPSSegmentor, image: torch.Tensor, policy: RatioPolicy, size) -> tuple[torch.Tensor, object]:
@@ -124,6 +144,7 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
     model.eval()
     conf = torch.zeros(classes, classes, dtype=torch.long)
     flops, tokens, mse, figs = [], [], [], []
+    selection = []  # per image: [(split, candidates, oracle split, edge tokens split), ...] per block
     for sample in samples:
         image = sample["image"][None].to(device, dtype)
         label = sample["label"]
@@ -142,10 +163,13 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
         pred = full.argmax(1)[0].cpu()
         conf += confusion(pred, label, classes)
         if not (cfg.sliding_window or cfg.multi_scale or cfg.flip):
-            for rec in out.records:
+            per_block = []
+            for block, rec in enumerate(out.records):
+                target = token_targets(sample["scores"][rec.patch][None].to(device), rec.centres, rec.patch)
                 if rec.scores is not None and rec.scores.shape[1]:
-                    target = token_targets(sample["scores"][rec.patch][None].to(device), rec.centres, rec.patch)
                     mse.append(float(((rec.scores.float() - target) ** 2).mean()))
+                per_block.append(_selection_counts(rec.selected[0], target[0] > policy.tau[block]))
+            selection.append(per_block)
         if len(figs) < pictures:
             seen = F.interpolate(full, size=(h, w), mode="bilinear").argmax(1)[0].cpu().numpy()
             lab = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long().numpy()
@@ -153,10 +177,11 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(conf)
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (flops, tokens, mse))
+        dist.all_gather_object(gathered, (flops, tokens, mse, selection))
         flops = [f for g in gathered for f in g[0]]
         tokens = [t for g in gathered for t in g[1]]
         mse = [m for g in gathered for m in g[2]]
+        selection = [c for g in gathered for c in g[3]]
     iou, miou = iou_from_confusion(conf)
     model.train()
     return EvalResult(
@@ -164,7 +189,31 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
         gflops_mean=float(np.mean(flops)) if flops else float("nan"),
         gflops_std=float(np.std(flops)) if flops else float("nan"),
         tokens_per_stage=np.mean(tokens, axis=0).tolist() if tokens else [],
-        score_mse=float(np.mean(mse)) if mse else float("nan"), pictures=figs)
+        score_mse=float(np.mean(mse)) if mse else float("nan"), pictures=figs,
+        **_selection_summary(selection))
+
+
+def _selection_counts(selected: torch.Tensor, edge: torch.Tensor) -> tuple[int, int, int, int]:
+    """(tokens split, candidates, candidates the ground truth would split, of those split)."""
+    chosen = torch.zeros_like(edge)
+    chosen[selected] = True
+    return (int(chosen.sum()), edge.numel(), int(edge.sum()), int((chosen & edge).sum()))
+
+
+def _selection_summary(selection: list) -> dict[str, list[float]]:
+    """Per block: the mean split and ground-truth ratios over the images where the block had
+    candidates, and the pooled edge recall (nan where no candidate was an edge token)."""
+    if not selection:
+        return {}
+    split, candidates, oracle, hits = np.moveaxis(np.array(selection, dtype=np.float64), -1, 0)
+    seen = candidates > 0  # (images, blocks)
+
+    def mean_ratio(count: np.ndarray) -> list[float]:
+        return [float(np.mean(count[seen[:, b], b] / candidates[seen[:, b], b]))
+                if seen[:, b].any() else float("nan") for b in range(seen.shape[1])]
+    edges, found = oracle.sum(0), hits.sum(0)
+    return {"split_ratio": mean_ratio(split), "oracle_ratio": mean_ratio(oracle),
+            "edge_recall": [float(f / e) if e else float("nan") for f, e in zip(found, edges)]}
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
 """Evaluation: mIoU against torchmetrics, sliding window and multi-scale consistency."""
+import math
+
 import pytest
 import torch
 
@@ -73,3 +75,45 @@ def test_evaluate_reports_flops_tokens_and_pictures():
     assert len(res.tokens_per_stage) == 4 and res.tokens_per_stage[0] == 12
     assert len(res.pictures) == 1 and res.pictures[0].size[1] == 96
     assert 0 <= res.miou <= 1 and "mIoU" in res.table([f"c{i}" for i in range(5)])
+
+
+def test_selection_against_the_ground_truth_per_upsampling_block():
+    """Full upsampling splits every candidate, so the split ratio and the edge recall are 1 and
+    the ground truth's ratio is the share of patches whose edge fraction exceeds tau_s,
+    computed here from the score maps alone; fixed beta splits floor(N beta_s) of N."""
+    from model.edges import edge_scores
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", num_classes=5)
+    label = torch.zeros(96, 128, dtype=torch.long)
+    label[:, 40:] = 1  # one vertical boundary
+    label[70:, 90:] = 2  # and a corner
+    maps = edge_scores(label)
+    sample = {"image": torch.randn(3, 96, 128), "label": label, "size": (96, 128), "scores": maps, "key": "0"}
+    full = RatioPolicy.from_preset("full", "ade20k")
+    res = evaluate(model, [sample], 5, full, EvalConfig(), 128, torch.device("cpu"))
+    assert res.split_ratio == [1.0, 1.0, 1.0] and res.edge_recall == [1.0, 1.0, 1.0]
+    want = [float((maps[s] > tau).float().mean()) for s, tau in zip((32, 16, 8), full.tau)]
+    assert res.oracle_ratio == pytest.approx(want) and 0 < min(want) and max(want) < 1
+    assert res.metrics()["val/oracle_ratio_block2"] == pytest.approx(want[1])
+    assert "edge tokens split 100% / 100% / 100%" in res.table([f"c{i}" for i in range(5)])
+
+    fixed = RatioPolicy.from_preset("fixed", "ade20k")
+    res = evaluate(model, [sample], 5, fixed, EvalConfig(), 128, torch.device("cpu"))
+    n, want = 12, []
+    for beta in fixed.beta:
+        k = int(n * beta)
+        want.append(k / n)
+        n = 4 * k
+    assert res.split_ratio == pytest.approx(want)
+    assert all(0 <= r <= 1 for r in res.edge_recall)
+
+
+def test_selection_counts_and_their_summary_by_hand():
+    from pipeline.evaluate import _selection_counts, _selection_summary
+    edge = torch.tensor([True, True, False, False, True])
+    assert _selection_counts(torch.tensor([0, 2]), edge) == (2, 5, 3, 1)
+    # two images, two blocks; the second image's second block had no candidates
+    summary = _selection_summary([[(2, 5, 3, 1), (1, 4, 0, 0)], [(3, 3, 1, 1), (0, 0, 0, 0)]])
+    assert summary["split_ratio"] == pytest.approx([(2 / 5 + 1) / 2, 1 / 4])
+    assert summary["oracle_ratio"] == pytest.approx([(3 / 5 + 1 / 3) / 2, 0])
+    assert summary["edge_recall"][0] == pytest.approx(2 / 4) and math.isnan(summary["edge_recall"][1])
