@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tokens import raster_cells
 
 SCORE_SCALES = (32, 16, 8)  # patch sides of the tokens the three upsampling blocks score
 
@@ -49,5 +48,12 @@ def edge_scores(label: Tensor | np.ndarray, scales=SCORE_SCALES,
 
 def token_targets(score_map: Tensor, centres: Tensor, patch: int) -> Tensor:
     """Targets (B, n) for tokens of side ``patch`` at ``centres`` (B, n, 2) from a score
-    map (B, H/patch, W/patch) of the same patch side."""
-    return score_map.flatten(1).gather(1, raster_cells(centres, patch, score_map.shape[-1]))
+    map (B, rows, cols) of the same patch side. Tokens beyond the map get 0: an image padded
+    to a multiple of 32 (inference) has cells past its label's ceil(H/p) x ceil(W/p) map,
+    and padding has no edge pixels."""
+    rows, cols = score_map.shape[-2:]
+    cells = (centres // patch).long()
+    x, y = cells[..., 0], cells[..., 1]
+    inside = (x < cols) & (y < rows)
+    index = y.clamp(max=rows - 1) * cols + x.clamp(max=cols - 1)
+    return torch.where(inside, score_map.flatten(1).gather(1, index), 0.0)

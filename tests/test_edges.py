@@ -49,3 +49,11 @@ def test_token_targets_pick_the_patch_under_each_centre():
     score_map = torch.arange(12.0).view(1, 3, 4)  # 3 rows x 4 cols of 16-px patches
     centres = torch.tensor([[[8.0, 8.0], [56.0, 40.0], [24.0, 40.0]]])
     assert token_targets(score_map, centres, 16).tolist() == [[0.0, 11.0, 9.0]]
+
+
+def test_token_targets_beyond_the_map_are_zero():
+    """An image padded to a multiple of 32 has tokens past its label's map (ceil(H/p) cells):
+    they are padding, with no edge pixels."""
+    score_map = torch.arange(1.0, 7.0).view(1, 2, 3)  # a 40 x 48 label's 16-px map (ceil)
+    centres = torch.tensor([[[40.0, 24.0], [56.0, 8.0], [8.0, 40.0], [56.0, 56.0]]])  # image padded to 64 x 64
+    assert token_targets(score_map, centres, 16).tolist() == [[6.0, 0.0, 0.0, 0.0]]

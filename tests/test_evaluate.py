@@ -117,3 +117,25 @@ def test_selection_counts_and_their_summary_by_hand():
     assert summary["split_ratio"] == pytest.approx([(2 / 5 + 1) / 2, 1 / 4])
     assert summary["oracle_ratio"] == pytest.approx([(3 / 5 + 1 / 3) / 2, 0])
     assert summary["edge_recall"][0] == pytest.approx(2 / 4) and math.isnan(summary["edge_recall"][1])
+
+
+def test_images_whose_sides_are_not_multiples_of_32_evaluate():
+    """ADE20K's validation images have any size: the image is padded to multiples of 32 and
+    its score maps (ceil(H/s) x ceil(W/s), from the label) do not reach the padding's tokens,
+    which count as edge-free. (Evaluation crashed on such images: index out of bounds.)"""
+    import torch.nn.functional as F
+    from model.edges import edge_scores
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", num_classes=5)
+    label = torch.zeros(100, 150, dtype=torch.long)
+    label[:, 60:] = 1
+    label[80:, 100:] = 2
+    maps = edge_scores(label)
+    sample = {"image": F.pad(torch.randn(3, 100, 150), (0, 10, 0, 28)), "label": label,
+              "size": (100, 150), "scores": maps, "key": "0"}
+    full = RatioPolicy.from_preset("full", "ade20k")
+    res = evaluate(model, [sample], 5, full, EvalConfig(), 128, torch.device("cpu"))
+    cells = {32: 4 * 5, 16: 8 * 10, 8: 16 * 20}  # of the padded 128 x 160 image
+    want = [float((maps[s] > tau).sum()) / cells[s] for s, tau in zip((32, 16, 8), full.tau)]
+    assert res.oracle_ratio == pytest.approx(want) and res.images == 1
+    assert math.isfinite(res.score_mse)
