@@ -86,9 +86,11 @@ class EvalResult:
                 f"{row(self.oracle_ratio, '.2f')}; edge tokens split {row(self.edge_recall, '.0%')}")
 
 
-def _probs(model: DUPSSegmentor, image: torch.Tensor, policy: RatioPolicy, size) -> tuple[torch.Tensor, object]:
-    """Class probabilities of one padded image (1, 3, H, W) at ``size``, and the model output."""
-    out = model(image, policy)
+def _probs(model: DUPSSegmentor, image: torch.Tensor, policy: RatioPolicy, size,
+           oracle_maps: dict | None = None) -> tuple[torch.Tensor, object]:
+    """Class probabilities of one padded image (1, 3, H, W) at ``size``, and the model output
+    (``oracle_maps``: ground-truth edge fractions that choose the tokens, Table 7)."""
+    out = model(image, policy, oracle_maps)
     h, w = image.shape[-2:]
     return semantic_probabilities(out.final, (h, w))[..., : size[0], : size[1]], out
 

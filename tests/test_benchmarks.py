@@ -55,3 +55,22 @@ def test_peer_benchmark_reports_gflops_and_ratio():
         gflops, x_gflops, ms, x_ms = (float(c) for c in cols[-4:])
         assert x_gflops == pytest.approx(gflops / float(rows["Mask2Former Swin-T"][-4]), abs=2e-3), name
         assert x_ms == pytest.approx(ms / float(rows["Mask2Former Swin-T"][-2]), rel=2e-3, abs=2e-3), name
+
+
+@pytest.mark.timeout(320)
+def test_dynamic_compares_the_trained_head_with_its_oracle(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import train_helpers as th
+    from model.segmentor import build_segmentor
+
+    shards = th.make_dataset(tmp_path, train=1, val=2)
+    torch.manual_seed(0)
+    torch.save(build_segmentor("dups_demo", num_classes=150).state_dict(), tmp_path / "model.pt")
+    out = run_script("benchmarks/dynamic.py", "--checkpoint", str(tmp_path / "model.pt"), f"data.train={shards}")
+    rows = {line[:26].strip(): line[26:].split() for line in out.splitlines()[2:]}
+    assert list(rows) == ["full", "fixed beta (ade20k)", "dynamic, trained head", "dynamic, oracle"]
+    assert rows["full"][1] == "1.000" and rows["full"][3:8] == ["1.00", "/", "1.00", "/", "1.00"]
+    # fixed beta splits floor(N beta_s) of N: fewer multiply-adds than full
+    assert float(rows["fixed beta (ade20k)"][1]) < 1 and "2 validation images" in out.splitlines()[0]
