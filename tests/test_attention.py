@@ -211,6 +211,28 @@ def test_cpu_attention_takes_the_fused_kernel_and_gathers_no_padding(attn):
     assert not any(name.startswith(("zeros", "new_zeros", "constant_pad")) for name in names)
 
 
+def test_wide_values_overlapping_the_keys_give_the_same_gradients(attn):
+    """The CPU path's values are read past into the keys' channels: the output channels they
+    make are dropped, so every gradient equals the narrow path's (the keys get theirs once)."""
+    from model.attention import values_padded_on
+    module = attn.float()
+    centres = torch.rand(2, 300, 2) * 400
+    x = torch.randn(2, 300, 32, requires_grad=True)
+    nbhd = cluster_neighbourhood(centres, unit=8.0)
+    weights = torch.randn(2, 300, 32)
+
+    def gradients():
+        module.zero_grad()
+        x.grad = None
+        (module(x, nbhd) * weights).sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    wide = gradients()
+    with values_padded_on():  # narrow values: SDPA's unfused kernel
+        narrow = gradients()
+    for got, want in zip(wide, narrow):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_bias_parameters_learn(attn):
     torch.manual_seed(6)
     x, centres = grid_inputs(4, 4)
