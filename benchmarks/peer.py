@@ -6,7 +6,9 @@ parameters, GFLOPs and latency on the same input, measured side by side in one r
 
 DUPS runs with fixed-beta (ADE20K) and full upsampling (a dynamic ratio needs a trained score
 head; an untrained one splits almost everything). GFLOPs are multiply-adds
-(flop_counter total / 2), the papers' convention. ``--compile`` adds a column for each model
+(flop_counter total / 2, the papers' convention) of the forward passes; a last line adds the
+semantic inference (per-pixel class x mask sum at the image size, the same for both models),
+which the papers' fvcore counts of the whole network include (BENCHMARKS.md, 1b). ``--compile`` adds a column for each model
 under ``torch.compile`` with static shapes (one compiled graph per policy; "reduce-overhead"
 replays it as a CUDA graph, which removes the launch cost that dominates batch 1), with the
 seconds its first two calls took, or says why it failed; ``--cuda-graph`` instead replays
@@ -20,13 +22,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import cuda_graphed, device_name, time_ms  # noqa: E402
 from model import RatioPolicy  # noqa: E402
-from model.segmentor import build_segmentor  # noqa: E402
+from model.segmentor import build_segmentor, semantic_probabilities  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION, count_gmacs, count_params  # noqa: E402
 
 
@@ -89,13 +92,22 @@ def main() -> None:
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
             return time_ms(fn, device)
 
+    def inference_gmacs(out) -> float:
+        """Multiply-adds of the semantic inference on a forward's output: the per-pixel sum
+        over queries of class probability x mask at the image size (evaluation's
+        ``semantic_probabilities``; transformers' post-processing does the same for the peer)."""
+        pred = out.final if hasattr(out, "final") else SimpleNamespace(
+            masks=out.masks_queries_logits, logits=out.class_queries_logits)
+        return count_gmacs(semantic_probabilities, pred, image.shape[-2:])[0]
+
     stats = {}
     for name, (model, fn) in runs.items():
         with torch.no_grad():
-            gmacs, _ = count_gmacs(fn)
+            gmacs, out = count_gmacs(fn)
+            inference = inference_gmacs(out)
         timed(fn)  # warm-up
-        stats[name] = {"params": count_params(model) / 1e6, "gflops": gmacs / args.batch, "ms": [],
-                       "compiled": []}
+        stats[name] = {"params": count_params(model) / 1e6, "gflops": gmacs / args.batch,
+                       "inference": inference / args.batch, "ms": [], "compiled": []}
     for name, fn in list(compiled.items()):
         try:
             start = time.perf_counter()
@@ -132,6 +144,9 @@ def main() -> None:
             cms = statistics.median(s["compiled"])
             line += f"{cms:>13.1f}{ratio(cms, base_c)}"
         print(line)
+    print("with the semantic inference (class x mask per pixel; the papers' full-network count, "
+          "as evaluation counts): " + ", ".join(f"{name} {s['gflops'] + s['inference']:.2f}"
+                                                for name, s in stats.items()) + " GFLOPs")
 
 
 if __name__ == "__main__":

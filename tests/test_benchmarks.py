@@ -55,6 +55,11 @@ def test_peer_benchmark_reports_gflops_and_ratio():
         gflops, x_gflops, ms, x_ms = (float(c) for c in cols[-4:])
         assert x_gflops == pytest.approx(gflops / float(rows["Mask2Former Swin-T"][-4]), abs=2e-3), name
         assert x_ms == pytest.approx(ms / float(rows["Mask2Former Swin-T"][-2]), rel=2e-3, abs=2e-3), name
+    # the semantic inference adds queries x classes x H x W multiply-adds to each model
+    line = next(line for line in out.splitlines() if line.startswith("with the semantic inference"))
+    totals = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].removesuffix(" GFLOPs").split(", "))
+    for name, cols in rows.items():
+        assert float(totals[name]) == pytest.approx(float(cols[-4]) + 100 * 150 * 128 * 128 / 1e9, abs=0.011)
 
 
 @pytest.mark.timeout(320)
