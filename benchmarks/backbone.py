@@ -25,7 +25,7 @@ from benchmarks.common import device_name, time_ms  # noqa: E402
 from data_prep.synth import _palette, scene  # noqa: E402
 from model import RatioPolicy, build_encoder  # noqa: E402
 from model.edges import edge_scores  # noqa: E402
-from model.segmentor import build_segmentor  # noqa: E402
+from model.segmentor import build_segmentor, semantic_probabilities  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION, count_gmacs  # noqa: E402
 
 
@@ -92,6 +92,12 @@ def main() -> None:
         ms = statistics.median(s["ms"])
         print(f"{name:<24}{s['gflops']:>9.2f}{s['gflops'] / full['gflops']:>8.3f}"
               f"{ms:>10.1f}{ms / full_ms:>8.3f}  {' / '.join(map(str, s['tokens']))}")
+    if args.task == "segmentation":  # the same for every policy: queries x classes x H x W
+        with torch.no_grad():
+            out = model(image[:1], pols["full"])
+            extra, _ = count_gmacs(semantic_probabilities, out.final, image.shape[-2:])
+        print(f"the semantic inference (class x mask per pixel, which evaluation and the papers' "
+              f"whole-network counts include) adds {extra:.2f} GFLOPs per image to each policy")
 
 
 if __name__ == "__main__":

@@ -79,3 +79,15 @@ def test_dynamic_compares_the_trained_head_with_its_oracle(tmp_path):
     assert rows["full"][1] == "1.000" and rows["full"][3:8] == ["1.00", "/", "1.00", "/", "1.00"]
     # fixed beta splits floor(N beta_s) of N: fewer multiply-adds than full
     assert float(rows["fixed beta (ade20k)"][1]) < 1 and "2 validation images" in out.splitlines()[0]
+
+
+@pytest.mark.timeout(320)
+def test_backbone_compares_the_policies_with_full():
+    out = run_script("benchmarks/backbone.py", "--task", "segmentation", "--image-size", "64", "--repeats", "1")
+    rows = {line[:24].strip(): line[24:].split() for line in out.splitlines()
+            if line.startswith(("full", "fixed", "dynamic", "random"))}
+    assert list(rows) == ["full", "fixed beta (ade20k)", "dynamic (oracle)", "random 50%"]
+    assert rows["full"][1] == "1.000" and rows["full"][3] == "1.000"
+    for cols in rows.values():  # GFLOPs, x full, ms, x full, tokens per stage
+        assert float(cols[1]) == pytest.approx(float(cols[0]) / float(rows["full"][0]), abs=2e-3)
+    assert "adds 0.06 GFLOPs per image" in out  # 100 queries x 150 classes x 64 x 64
