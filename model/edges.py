@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tokens import raster_cells
 
 SCORE_SCALES = (32, 16, 8)  # patch sides of the tokens the three upsampling blocks score
 
@@ -52,8 +53,6 @@ def token_targets(score_map: Tensor, centres: Tensor, patch: int) -> Tensor:
     to a multiple of 32 (inference) has cells past its label's ceil(H/p) x ceil(W/p) map,
     and padding has no edge pixels."""
     rows, cols = score_map.shape[-2:]
-    cells = (centres // patch).long()
-    x, y = cells[..., 0], cells[..., 1]
-    inside = (x < cols) & (y < rows)
-    index = y.clamp(max=rows - 1) * cols + x.clamp(max=cols - 1)
-    return torch.where(inside, score_map.flatten(1).gather(1, index), 0.0)
+    inside = (centres[..., 0] < cols * patch) & (centres[..., 1] < rows * patch)
+    values = score_map.flatten(1).gather(1, raster_cells(centres, patch, cols, rows))
+    return torch.where(inside, values, 0.0)

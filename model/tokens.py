@@ -78,11 +78,15 @@ def grid_centres(height: int, width: int, patch: int, device=None) -> Tensor:
     return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
 
 
-def raster_cells(centres: Tensor, patch: int, columns: int) -> Tensor:
+def raster_cells(centres: Tensor, patch: int, columns: int, rows: int | None = None) -> Tensor:
     """(...) raster index of the ``patch``-sized cell holding each centre (..., 2), in a
-    grid of ``columns`` cells per row (the inverse of ``grid_centres``)."""
+    grid of ``columns`` cells per row (the inverse of ``grid_centres``). With ``rows``,
+    centres past the grid get the nearest cell inside it."""
     cells = (centres // patch).long()
-    return cells[..., 1] * columns + cells[..., 0]
+    x, y = cells[..., 0], cells[..., 1]
+    if rows is not None:
+        x, y = x.clamp(0, columns - 1), y.clamp(0, rows - 1)
+    return y * columns + x
 
 
 @functools.lru_cache(maxsize=32)
