@@ -1,10 +1,10 @@
 """The dynamic ratio with a trained score head, against the same ratio on ground-truth edge
 fractions (Table 7's oracle), fixed beta and full upsampling: one checkpoint, its validation
-images, every policy on every image. Prints GFLOPs per image (multiply-adds, flop_counter / 2,
-counted as evaluation counts them: the network and its semantic inference, so the figures
-equal MLflow's val/gflops_mean), the ratio to full, tokens per stage, mIoU and, per upsampling
-block, the share of candidates split; the paper's ratio is Table 4's (dynamic 44.3 / full 74.7
-GFLOPs = 0.593 on ADE20K).
+images, every policy evaluated by ``pipeline.evaluate`` (single scale). Prints GFLOPs per image
+(multiply-adds, flop_counter / 2, of the network and its semantic inference: MLflow's
+val/gflops_mean), the ratio to full, mIoU, per upsampling block the share of candidates split,
+and tokens per stage; the paper's ratio is Table 4's (dynamic 44.3 / full 74.7 GFLOPs = 0.593
+on ADE20K).
 
     .venv/bin/python benchmarks/dynamic.py --checkpoint demo_run/runs/ray/demo/checkpoint_... \\
         --config demo data.train=demo_run/shards
@@ -18,18 +18,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name  # noqa: E402
 from model import RatioPolicy  # noqa: E402
 from pipeline.checkpoints import model_state  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import EvalConfig, load_config  # noqa: E402
 from pipeline.data import EvalStream, load_manifest, shards_of  # noqa: E402
-from pipeline.evaluate import _probs, confusion, iou_from_confusion  # noqa: E402
-from pipeline.measure import FLOP_CONVENTION, count_gmacs  # noqa: E402
+from pipeline.evaluate import evaluate  # noqa: E402
+from pipeline.measure import FLOP_CONVENTION  # noqa: E402
 from pipeline.train import _SegmentationEval, build_model  # noqa: E402
 
 
@@ -56,34 +54,17 @@ def main() -> None:
         "dynamic, trained head": (RatioPolicy.from_preset("per_image", preset), False),
         "dynamic, oracle": (RatioPolicy.from_preset("per_image", preset), True),
     }
-    classes = cfg.model.num_classes
-    stats = {name: {"gmacs": [], "tokens": [], "split": [],
-                    "conf": torch.zeros(classes, classes, dtype=torch.long)} for name in runs}
+    results = {name: evaluate(model, samples, cfg.model.num_classes, policy, EvalConfig(), cfg.data.crop,
+                              device, oracle=oracle) for name, (policy, oracle) in runs.items()}
 
-    with torch.no_grad():
-        for sample in samples:
-            image = sample["image"][None].to(device)
-            h, w = sample["size"]
-            maps = {s: m[None].to(device) for s, m in sample["scores"].items()}
-            for name, (policy, oracle) in runs.items():
-                gmacs, (probs, out) = count_gmacs(_probs, model, image, policy, (h, w), maps if oracle else None)
-                probs = F.interpolate(probs, size=sample["label"].shape, mode="bilinear", align_corners=False)
-                s = stats[name]
-                s["conf"] += confusion(probs.argmax(1)[0].cpu(), sample["label"], classes)
-                s["gmacs"].append(gmacs)
-                s["tokens"].append(out.tokens_per_stage)
-                s["split"].append([rec.selected.shape[1] / max(1, rec.centres.shape[1]) for rec in out.records])
-
-    images = len(stats["full"]["gmacs"])
-    print(f"{cfg.model.name}, checkpoint {args.checkpoint}, {images} validation images, "
+    print(f"{cfg.model.name}, checkpoint {args.checkpoint}, {results['full'].images} validation images, "
           f"{device_name(device)}, fp32; [{FLOP_CONVENTION}; mean per image]")
     print(f"{'policy':<26}{'GFLOPs':>9}{'x full':>8}{'mIoU':>7}  {'split per block':<20}tokens per stage")
-    full = np.mean(stats["full"]["gmacs"])
-    for name, s in stats.items():
-        g = np.mean(s["gmacs"])
-        split = " / ".join(f"{v:.2f}" for v in np.mean(s["split"], 0))
-        tokens = " / ".join(f"{v:.0f}" for v in np.mean(s["tokens"], 0))
-        print(f"{name:<26}{g:>9.3f}{g / full:>8.3f}{100 * iou_from_confusion(s['conf'])[1]:>7.1f}  "
+    full = results["full"].gflops_mean
+    for name, res in results.items():
+        split = " / ".join(f"{v:.2f}" for v in res.split_ratio)
+        tokens = " / ".join(f"{v:.0f}" for v in res.tokens_per_stage)
+        print(f"{name:<26}{res.gflops_mean:>9.3f}{res.gflops_mean / full:>8.3f}{100 * res.miou:>7.1f}  "
               f"{split:<20}{tokens}")
 
 

@@ -139,10 +139,16 @@ def multi_scale(model, image, policy, size, scales, flip: bool):
 
 @torch.no_grad()
 def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, cfg: EvalConfig,
-             crop: int, device: torch.device, dtype=torch.float32, pictures: int = 0) -> EvalResult:
-    """``samples``: an iterable of ``augment.eval_segmentation`` dicts (this rank's share)."""
+             crop: int, device: torch.device, dtype=torch.float32, pictures: int = 0,
+             oracle: bool = False) -> EvalResult:
+    """``samples``: an iterable of ``augment.eval_segmentation`` dicts (this rank's share).
+    ``oracle``: the samples' ground-truth edge fractions choose the tokens (Table 7's oracle;
+    single scale only)."""
     from .pictures import token_figure
 
+    if oracle and (cfg.sliding_window or cfg.multi_scale or cfg.flip):
+        raise ValueError("oracle token selection is single-scale only: turn off sliding_window, "
+                         "multi_scale and flip")
     model.eval()
     conf = torch.zeros(classes, classes, dtype=torch.long)
     flops, tokens, mse, figs = [], [], [], []
@@ -158,7 +164,8 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
                 probs, out = multi_scale(model, image, policy, (h, w),
                                          cfg.scales if cfg.multi_scale else (min(h, w),), cfg.flip)
             else:
-                probs, out = _probs(model, image, policy, (h, w))
+                maps = {k: m[None].to(device) for k, m in sample["scores"].items()} if oracle else None
+                probs, out = _probs(model, image, policy, (h, w), maps)
         flops.append(counter.get_total_flops() / 2 / 1e9)
         tokens.append(out.tokens_per_stage)
         full = F.interpolate(probs.float(), size=label.shape, mode="bilinear", align_corners=False)

@@ -139,3 +139,22 @@ def test_images_whose_sides_are_not_multiples_of_32_evaluate():
     want = [float((maps[s] > tau).sum()) / cells[s] for s, tau in zip((32, 16, 8), full.tau)]
     assert res.oracle_ratio == pytest.approx(want) and res.images == 1
     assert math.isfinite(res.score_mse)
+
+
+def test_oracle_evaluation_splits_exactly_the_ground_truth_edge_tokens():
+    """With the ground truth choosing (Table 7's oracle), eq. 1 splits the candidates whose true
+    edge fraction exceeds tau_s and no others: split ratio = ground-truth ratio, recall 1."""
+    from model.edges import edge_scores
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", num_classes=5)
+    label = torch.zeros(96, 128, dtype=torch.long)
+    label[:, 40:] = 1
+    label[70:, 90:] = 2
+    sample = {"image": torch.randn(3, 96, 128), "label": label, "size": (96, 128),
+              "scores": edge_scores(label), "key": "0"}
+    policy = RatioPolicy.from_preset("per_image", "ade20k")
+    res = evaluate(model, [sample], 5, policy, EvalConfig(), 128, torch.device("cpu"), oracle=True)
+    assert res.split_ratio == pytest.approx(res.oracle_ratio) and res.edge_recall == [1.0, 1.0, 1.0]
+    assert max(res.split_ratio) < 1
+    with pytest.raises(ValueError, match="single-scale only"):
+        evaluate(model, [sample], 5, policy, EvalConfig(flip=True), 128, torch.device("cpu"), oracle=True)
