@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tokens import raster_cells
+
 BACKENDS = ("auto", "torch", "natten", "xformers")
 # Fourier basis of the position bias: wavelengths in units of the stage's finest patch side,
 # in four directions (0, 45, 90, 135 degrees).
@@ -179,14 +181,13 @@ def hilbert_codes(centres: Tensor, unit: float, image_size: tuple[int, int] | No
     16-bit pixel curve at each cell's top-left pixel, so cells keep the curve's order. With
     ``image_size`` (H, W) the codes of all cells are computed once and looked up (one
     kernel instead of ~300 per stage)."""
-    cells = (centres.detach() / unit).floor()
+    centres = centres.detach()
     if image_size is None:
-        return hilbert_index((cells[..., 0] * unit).floor(), (cells[..., 1] * unit).floor())
+        corner = ((centres // unit) * unit).floor()
+        return hilbert_index(corner[..., 0], corner[..., 1])
     rows, cols = (math.ceil(s / unit) for s in image_size)
     table = _hilbert_table(rows, cols, float(unit), centres.device)
-    cx = cells[..., 0].long().clamp(0, cols - 1)
-    cy = cells[..., 1].long().clamp(0, rows - 1)
-    return table[cy * cols + cx]
+    return table[raster_cells(centres, unit, cols, rows)]
 
 
 def _nearest(queries: Tensor, points: Tensor, k: int) -> Tensor:
