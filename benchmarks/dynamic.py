@@ -23,12 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name  # noqa: E402
 from model import RatioPolicy  # noqa: E402
-from pipeline.checkpoints import model_state  # noqa: E402
 from pipeline.config import EvalConfig, load_config  # noqa: E402
-from pipeline.data import EvalStream, load_manifest, shards_of  # noqa: E402
+from pipeline.data import EvalStream  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
+from pipeline.evaluate_cli import load_checkpoint_model  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION  # noqa: E402
-from pipeline.train import _SegmentationEval, build_model  # noqa: E402
+from pipeline.train import _SegmentationEval  # noqa: E402
 
 
 def main() -> None:
@@ -41,12 +41,8 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg)
-    model.load_state_dict(model_state(args.checkpoint)[0])
-    model = model.eval().to(device)
-    root = cfg.data.val or cfg.data.train
-    samples = EvalStream(shards_of(root, load_manifest(root), "val"),
-                         _SegmentationEval(cfg.data.eval_short_side), 0, 1, args.images)
+    model, _, _, shards = load_checkpoint_model(cfg, args.checkpoint, device)
+    samples = EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), 0, 1, args.images)
     preset = cfg.upsampling.preset
     runs = {  # name: (policy, oracle)
         "full": (RatioPolicy("full"), False),

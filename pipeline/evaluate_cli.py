@@ -13,18 +13,25 @@ from .evaluate import evaluate, evaluate_classification
 from .tracking import config_tracker
 
 
-def run_eval(cfg: Config, checkpoint: str):
-    """(printable report, EvalResult or classification metrics) of a checkpoint."""
-    from .train import _ClassificationEval, _SegmentationEval, build_model
+def load_checkpoint_model(cfg: Config, checkpoint: str, device: torch.device):
+    """(model in eval mode on ``device``, the checkpoint file found, validation manifest,
+    validation shards): what every evaluation of a checkpoint starts from."""
+    from .train import build_model
 
     model = build_model(cfg)
     state, where = model_state(checkpoint)
     model.load_state_dict(state)
     val_root = cfg.data.val or cfg.data.train
     manifest = load_manifest(val_root)
-    shards = shards_of(val_root, manifest, "val")
+    return model.eval().to(device), where, manifest, shards_of(val_root, manifest, "val")
+
+
+def run_eval(cfg: Config, checkpoint: str):
+    """(printable report, EvalResult or classification metrics) of a checkpoint."""
+    from .train import _ClassificationEval, _SegmentationEval
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    model, where, manifest, shards = load_checkpoint_model(cfg, checkpoint, device)
     tracker = config_tracker(cfg, run_name=f"eval-{cfg.name}", tags={"checkpoint": where, "task": "eval"})
     try:
         if cfg.train.task == "pretrain":
