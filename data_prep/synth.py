@@ -62,8 +62,10 @@ def write_ade20k_layout(out: str | Path, train: int = 32, val: int = 8, size: tu
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "annotations" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            h = int(size[0] + 32 * rng.integers(-1, 2))  # sizes vary, as in ADE20K
-            w = int(size[1] + 32 * rng.integers(-1, 2))
+            # Sizes vary by any pixel count, as in ADE20K (multiples of 32 once hid an evaluation
+            # crash on padded images).
+            h = int(size[0] + rng.integers(-32, 33))
+            w = int(size[1] + rng.integers(-32, 33))
             image, label = scene(rng, h, w, palette)
             stem = f"SYN_{tag}_{i + 1:08d}"
             Image.fromarray(image).save(out / "images" / split / f"{stem}.jpg", quality=92)
