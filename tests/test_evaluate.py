@@ -77,18 +77,24 @@ def test_evaluate_reports_flops_tokens_and_pictures():
     assert 0 <= res.miou <= 1 and "mIoU" in res.table([f"c{i}" for i in range(5)])
 
 
+def boundary_sample() -> dict:
+    """A 96 x 128 evaluation sample with one vertical boundary and a corner, and its score maps."""
+    from model.edges import edge_scores
+    label = torch.zeros(96, 128, dtype=torch.long)
+    label[:, 40:] = 1
+    label[70:, 90:] = 2
+    return {"image": torch.randn(3, 96, 128), "label": label, "size": (96, 128),
+            "scores": edge_scores(label), "key": "0"}
+
+
 def test_selection_against_the_ground_truth_per_upsampling_block():
     """Full upsampling splits every candidate, so the split ratio and the edge recall are 1 and
     the ground truth's ratio is the share of patches whose edge fraction exceeds tau_s,
     computed here from the score maps alone; fixed beta splits floor(N beta_s) of N."""
-    from model.edges import edge_scores
     torch.manual_seed(0)
     model = build_segmentor("dups_demo", num_classes=5)
-    label = torch.zeros(96, 128, dtype=torch.long)
-    label[:, 40:] = 1  # one vertical boundary
-    label[70:, 90:] = 2  # and a corner
-    maps = edge_scores(label)
-    sample = {"image": torch.randn(3, 96, 128), "label": label, "size": (96, 128), "scores": maps, "key": "0"}
+    sample = boundary_sample()
+    maps = sample["scores"]
     full = RatioPolicy.from_preset("full", "ade20k")
     res = evaluate(model, [sample], 5, full, EvalConfig(), 128, torch.device("cpu"))
     assert res.split_ratio == [1.0, 1.0, 1.0] and res.edge_recall == [1.0, 1.0, 1.0]
@@ -144,14 +150,9 @@ def test_images_whose_sides_are_not_multiples_of_32_evaluate():
 def test_oracle_evaluation_splits_exactly_the_ground_truth_edge_tokens():
     """With the ground truth choosing (Table 7's oracle), eq. 1 splits the candidates whose true
     edge fraction exceeds tau_s and no others: split ratio = ground-truth ratio, recall 1."""
-    from model.edges import edge_scores
     torch.manual_seed(0)
     model = build_segmentor("dups_demo", num_classes=5)
-    label = torch.zeros(96, 128, dtype=torch.long)
-    label[:, 40:] = 1
-    label[70:, 90:] = 2
-    sample = {"image": torch.randn(3, 96, 128), "label": label, "size": (96, 128),
-              "scores": edge_scores(label), "key": "0"}
+    sample = boundary_sample()
     policy = RatioPolicy.from_preset("per_image", "ade20k")
     res = evaluate(model, [sample], 5, policy, EvalConfig(), 128, torch.device("cpu"), oracle=True)
     assert res.split_ratio == pytest.approx(res.oracle_ratio) and res.edge_recall == [1.0, 1.0, 1.0]
