@@ -262,6 +262,10 @@ def test_hilbert_table_lookup_equals_direct_codes():
         direct = hilbert_codes(centres, unit)
         looked_up = hilbert_codes(centres, unit, image_size=(384, 416))
         assert torch.equal(direct, looked_up)
+    # centres on or past the image's edge take the nearest cell of the table
+    edge = torch.tensor([[[415.9, 10.0], [430.0, 10.0], [10.0, 400.0], [-3.0, -3.0]]])
+    inside = torch.tensor([[[415.0, 10.0], [415.0, 10.0], [10.0, 383.0], [0.0, 0.0]]])
+    assert torch.equal(hilbert_codes(edge, 8.0, image_size=(384, 416)), hilbert_codes(inside, 8.0))
 
 
 def test_position_features_keep_fp32_under_autocast():
