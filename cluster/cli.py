@@ -60,23 +60,23 @@ def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_config(args.config, args.overrides)
     _check_inputs(cfg)
+    resume = None
+    if args.resume is not None:  # bare --resume: this config's own train.output
+        resume = args.resume or cfg.train.output
     if cfg.launch.launcher == "local":
-        from cluster.launch import run_dir, train_local
+        from cluster.launch import train_local
 
         from pipeline.engine import shutdown
 
         try:
-            result = train_local(cfg, resume=args.resume is not None)
+            result = train_local(cfg, resume=resume)
         finally:
             shutdown()
         print(f"trained {cfg.name}: {result.steps} steps, MLflow run {result.run_id}, "
-              f"last checkpoint {result.last_checkpoint or run_dir(cfg) / 'checkpoints'}")
+              f"last checkpoint {result.last_checkpoint}")
     else:
-        from cluster.launch import ray_storage, train_ray
+        from cluster.launch import train_ray
 
-        resume = None
-        if args.resume is not None:  # bare --resume: this run's own Ray storage
-            resume = args.resume or f"{ray_storage(cfg)}/{cfg.name}"
         result = train_ray(cfg, resume=resume)
         print(f"trained {cfg.name} on Ray: checkpoint {result.checkpoint}")
     from pipeline.tracking import resolve_uri
@@ -94,10 +94,15 @@ def _check_inputs(cfg) -> None:
     load_manifest(cfg.data.train)
     if cfg.data.val:
         load_manifest(cfg.data.val)
-    if cfg.train.pretrained and not cfg.train.pretrained.startswith("s3://"):
-        from pathlib import Path
-        if not Path(cfg.train.pretrained).exists():
-            raise FileNotFoundError(f"train.pretrained: no such file or folder {cfg.train.pretrained}")
+    if cfg.train.pretrained and cfg.train.pretrained.endswith((".safetensors", ".pt")):
+        from pipeline.checkpoints import local_file
+
+        with local_file(cfg.train.pretrained):
+            pass
+    elif cfg.train.pretrained:
+        from pipeline.checkpoints import find_checkpoint
+
+        find_checkpoint(cfg.train.pretrained)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -107,6 +112,14 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _check_inputs(cfg)
     print(run_eval(cfg, args.checkpoint)[0])
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import config_path, export_weights
+
+    source = export_weights(args.checkpoint, args.out)
+    print(f"exported {source} -> {args.out} (fp32 safetensors; config in {config_path(args.out)})")
     return 0
 
 
@@ -179,8 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (DeepSpeed or Ray)")
+    p.add_argument("--checkpoint", required=True, help="exported weights (.safetensors), a checkpoint, "
+                   "a run's folder or a train.output (local or s3://): its newest complete checkpoint")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="a checkpoint's fp32 weights as safetensors (+ its config)")
+    p.add_argument("checkpoint", help="a checkpoint, a run's folder or a train.output (local or s3://)")
+    p.add_argument("out", help="OUT.safetensors (local or s3://); OUT.json gets the config")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("demo", help="the whole pipeline on this machine: synth, prep, train, eval")
     p.add_argument("--out", default="demo_run")

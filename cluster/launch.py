@@ -9,32 +9,71 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.checkpoints import latest_checkpoint
+from pipeline.checkpoints import find_checkpoint, join, mark_complete, prune, publish, tag_of
 from pipeline.config import Config
+from pipeline.train import RunHooks
 
 log = logging.getLogger("dups.launch")
 
 
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.train.output) / cfg.name
+def checkpoints_dir(cfg: Config) -> str:
+    """Where ``launch.launcher=local`` publishes checkpoints (local or S3)."""
+    return join(join(cfg.train.output, cfg.name), "checkpoints")
 
 
-def train_local(cfg: Config, resume: bool = False, stop_after: int | None = None):
+def local_hooks(cfg: Config, resume_from: str | None = None, stop_after: int | None = None) -> RunHooks:
+    """Checkpoints of ranks that share one filesystem (one process, or a spawned group): each
+    is written whole into a staging folder, then rank 0 publishes it (a rename next to it, or
+    an upload to S3 with ``complete.json`` last) and keeps the newest ``train.keep_checkpoints``."""
+    import torch.distributed as dist
+
+    run = checkpoints_dir(cfg)
+
+    def stage_dir(step: int) -> str:
+        d = (Path(run) / f".staging-{tag_of(step)}" if "://" not in run  # same filesystem: one rename
+             else Path(tempfile.gettempdir()) / f"dups-staging-{os.getpid()}-{tag_of(step)}")
+        if dist.get_rank() == 0 and d.exists():  # left by a crash at this very step
+            shutil.rmtree(d)
+        dist.barrier()
+        return str(d)
+
+    def publish_hook(step: int, folder: Path) -> str:
+        dest = join(run, folder.name)
+        if dist.get_rank() == 0:
+            publish(folder, dest, step, dist.get_world_size())
+            shutil.rmtree(folder.parent, ignore_errors=True)
+            prune(run, cfg.train.keep_checkpoints)
+        dist.barrier()
+        return dest
+
+    return RunHooks(stage_dir, publish_hook, resume_from, stop_after)
+
+
+def resume_point(cfg: Config, resume: str | None) -> str | None:
+    """The checkpoint to continue from: the newest complete one in ``resume`` (a checkpoint,
+    a run's folder, or ``train.output``; local or S3)."""
+    return find_checkpoint(resume, cfg.name).url if resume else None
+
+
+def train_local(cfg: Config, resume: str | None = None, stop_after: int | None = None):
     """One process, no Ray: how the loop runs on a single GPU machine (and in tests). The
-    process group stays up for further runs; ``pipeline.engine.shutdown`` ends it."""
-    from pipeline.engine import init_single_process
-    from pipeline.train import RunHooks, train
+    process group stays up for further runs; ``pipeline.engine.shutdown`` ends it.
+    ``resume``: where to find the checkpoint to continue from (see ``resume_point``)."""
+    import torch
 
+    from pipeline.engine import init_single_process
+    from pipeline.train import train
+
+    if cfg.launch.use_gpu and not torch.cuda.is_available():
+        raise ValueError("launch.use_gpu=true but torch sees no CUDA device here: set "
+                         "launch.use_gpu=false to train on the CPU")
+    resume_from = resume_point(cfg, resume)
     init_single_process()
-    ckpt_root = run_dir(cfg) / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_root) if resume else None
-    if resume and resume_from is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}")
-    return train(cfg, RunHooks(checkpoint_dir=lambda step: str(ckpt_root), resume_from=resume_from,
-                               stop_after=stop_after))
+    return train(cfg, local_hooks(cfg, resume_from, stop_after))
 
 
 def pinned(cfg: Config) -> Config:
@@ -58,6 +97,28 @@ def pinned(cfg: Config) -> Config:
     return c
 
 
+def wants_gpus(cfg: Config, resources: dict, joined: bool) -> bool:
+    """Whether the workers get GPUs. A run that asks for GPUs never trains on CPUs silently: on
+    a cluster it joined (``joined``) that has none yet, Ray's scaling config waits for the
+    autoscaler to bring them; a Ray this process started on a machine without any is an error,
+    and so is one with fewer CPUs than the workers ask for (Ray would wait for ever)."""
+    cpus = cfg.launch.workers * cfg.launch.cpus_per_worker
+    if not joined and resources.get("CPU", 0) < cpus:
+        raise ValueError(f"launch.workers={cfg.launch.workers} x launch.cpus_per_worker="
+                         f"{cfg.launch.cpus_per_worker} need {cpus} CPUs; this machine's Ray has "
+                         f"{resources.get('CPU', 0):g}")
+    if not cfg.launch.use_gpu:
+        return False
+    if resources.get("GPU", 0) >= 1:
+        return True
+    if not joined:
+        raise ValueError("launch.use_gpu=true but this machine has no GPU for Ray: run on a GPU "
+                         "cluster (--address / launch.address) or set launch.use_gpu=false to train on CPUs")
+    log.warning("the Ray cluster has no GPU yet: waiting for %d GPU workers (the autoscaler starts "
+                "them; Ray Train starts when they are up)", cfg.launch.workers)
+    return True
+
+
 def ray_storage(cfg: Config) -> str:
     """Where Ray Train keeps checkpoints and results: ``<train.output>/ray`` (local or S3)."""
     out = cfg.train.output
@@ -65,14 +126,18 @@ def ray_storage(cfg: Config) -> str:
 
 
 def _ray_loop(config: dict) -> None:
-    """Runs inside every Ray Train worker."""
+    """Runs inside every Ray Train worker. Each rank writes its part of a checkpoint into its
+    own temporary folder and reports it; Ray merges the parts in its storage under the step's
+    name; rank 0 then marks the folder complete and every rank removes its temporary copy."""
     import ray.train
+    import torch.distributed as dist
     from ray.train import Checkpoint
 
     from pipeline.config import load_config
-    from pipeline.train import RunHooks, train
+    from pipeline.train import train
 
     cfg = load_config(None, config["overrides_flat"])
+    run = join(config["storage"], cfg.name)
     resume_from = config.get("resume_from")
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts us after a failure
     ctx = None
@@ -80,14 +145,21 @@ def _ray_loop(config: dict) -> None:
         ctx = checkpoint.as_directory()
         resume_from = ctx.__enter__()
 
-    def checkpoint_dir(step: int) -> str:
-        return tempfile.mkdtemp(prefix=f"dups-ckpt-{step}-")
+    def stage_dir(step: int) -> str:
+        return tempfile.mkdtemp(prefix=f"dups-stage-{step}-")
 
-    def on_checkpoint(step: int, directory: str, metrics: dict) -> None:
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+    def publish_hook(step: int, folder: Path) -> str:
+        ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=folder.name)
+        dist.barrier()  # every rank's part is stored
+        dest = join(run, folder.name)
+        if dist.get_rank() == 0:
+            mark_complete(dest, step, dist.get_world_size())
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        return dest
 
     try:
-        train(cfg, RunHooks(checkpoint_dir, on_checkpoint, resume_from, config.get("stop_after"),
+        train(cfg, RunHooks(stage_dir, publish_hook, resume_from, config.get("stop_after"),
                             config.get("run_id")))
     finally:
         if ctx is not None:
@@ -109,8 +181,8 @@ def flat_overrides(cfg: Config) -> list[str]:
 
 def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = None,
               storage: str | None = None):
-    """Ray Train TorchTrainer with ``cfg.launch.workers`` workers. ``resume``: a checkpoint
-    directory (DeepSpeed or Ray) of an earlier run to continue."""
+    """Ray Train TorchTrainer with ``cfg.launch.workers`` workers. ``resume``: where to find
+    the checkpoint of an earlier run to continue (see ``resume_point``)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -119,13 +191,12 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         ray.init(address=cfg.launch.address or None, include_dashboard=False, log_to_driver=True)
-    use_gpu = cfg.launch.use_gpu and bool(ray.cluster_resources().get("GPU"))
+    use_gpu = wants_gpus(cfg, ray.cluster_resources(), joined=bool(cfg.launch.address or os.environ.get("RAY_ADDRESS")))
     env = {k: v for k, v in os.environ.items()
            if k.startswith(("AWS_", "MLFLOW_")) or k in ("OMP_NUM_THREADS",)}
     env.setdefault("OMP_NUM_THREADS", str(cfg.launch.cpus_per_worker))
-    resume_from = latest_checkpoint(resume) if resume else None
-    if resume and resume_from is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {resume}")
+    resume_from = resume_point(cfg, resume)
+    storage = storage or ray_storage(cfg)
     run_id = None
     if resume_from is None:  # a fresh run: its MLflow run exists before any worker starts
         from pipeline.tracking import config_tracker
@@ -136,14 +207,14 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     trainer = TorchTrainer(
         _ray_loop,
         train_loop_config={"overrides_flat": flat_overrides(cfg), "resume_from": resume_from,
-                           "stop_after": stop_after, "run_id": run_id},
+                           "stop_after": stop_after, "run_id": run_id, "storage": storage},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.launch.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.launch.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.name, storage_path=storage or ray_storage(cfg),
+            name=cfg.name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             worker_runtime_env={"env_vars": env}),
     )
     return trainer.fit()

@@ -55,6 +55,25 @@ class LocalStorage:
     def shard_url(self, name: str) -> str:
         return str(self.root / name)
 
+    def list(self, prefix: str = "") -> list[str]:
+        """Names of the files under ``prefix`` (recursive), relative to the root, sorted."""
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+
+    def get_file(self, name: str, local: str | Path) -> None:
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.root / name, local)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Removes a folder (or file) and everything in it."""
+        target = self.root / prefix
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
 
 class S3Storage:
     def __init__(self, url: str):
@@ -109,6 +128,27 @@ class S3Storage:
 
     def shard_url(self, name: str) -> str:
         return f"s3://{self.bucket}/{self._key(name)}"
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names of the objects under ``prefix``, relative to this storage's prefix, sorted."""
+        root = f"{self.prefix}/" if self.prefix else ""
+        names = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=root + (prefix.rstrip("/") + "/" if prefix else "")):
+            names += [o["Key"][len(root):] for o in page.get("Contents", [])]
+        return sorted(names)
+
+    def get_file(self, name: str, local: str | Path) -> None:
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        self.client.download_file(self.bucket, self._key(name), str(local))
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Removes every object under ``prefix``."""
+        names = self.list(prefix)
+        client = self.client
+        for i in range(0, len(names), 1000):
+            client.delete_objects(Bucket=self.bucket, Delete={
+                "Objects": [{"Key": self._key(n)} for n in names[i:i + 1000]], "Quiet": True})
 
 
 def open_storage(url: str) -> LocalStorage | S3Storage:

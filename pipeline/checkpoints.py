@@ -1,39 +1,205 @@
-"""Reading model weights out of checkpoints (files or DeepSpeed / Ray checkpoint folders)."""
+"""Training checkpoints on local disk or S3: publishing, finding, fetching, pruning, weights.
+
+A checkpoint is one folder ``step<NNNNNNNN>`` holding DeepSpeed's files for that tag, every
+rank's ``rng_rank<r>.pt`` (and with them the step, data position and MLflow run id in
+DeepSpeed's client state), and ``complete.json``, written last, once every part is stored.
+Only folders with ``complete.json`` count: a crash or an interrupted upload mid-save leaves
+the previous checkpoint the newest usable one.
+
+Where they live: ``<train.output>/<name>/checkpoints/`` (``launch.launcher=local``) and
+``<train.output>/ray/<name>/`` (Ray Train's storage). Every reader (``--resume``, ``dups eval``,
+``dups export``, ``train.pretrained``) takes a checkpoint, a run's folder or a
+``train.output``, local or ``s3://``, and picks the newest complete checkpoint in it.
+"""
 from __future__ import annotations
 
-import glob
+import contextlib
+import json
+import logging
 import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from data_prep.storage import open_storage
 
-def latest_checkpoint(directory: str | Path) -> str | None:
-    """The directory itself if it holds a DeepSpeed 'latest' file, or the newest Ray checkpoint
-    (``checkpoint_*``) inside a Ray run directory."""
-    d = Path(directory)
-    if (d / "latest").is_file():
-        return str(d)
-    ray_ckpts = sorted((p for p in d.glob("checkpoint_*") if (p / "latest").is_file()),
-                       key=lambda p: p.name)
-    return str(ray_ckpts[-1]) if ray_ckpts else None
+COMPLETE = "complete.json"
+_STEP = re.compile(r"step(\d{8})$")
+log = logging.getLogger("dups.checkpoints")
 
 
-def model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, where it came from) of a ``.pt`` file or a checkpoint folder. ZeRO-3
-    shards are consolidated with DeepSpeed's own tool."""
-    path = Path(path)
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        return state.get("module", state), str(path)
-    root = latest_checkpoint(path)
-    if root is None:
-        raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
-    tag = Path(root, "latest").read_text().strip()
-    files = sorted(glob.glob(os.path.join(root, tag, "*model_states.pt")))
-    state = torch.load(files[0], map_location="cpu", weights_only=False) if files else {}
-    module = state.get("module")
-    if not module:  # ZeRO-3: parameters live in the partitioned optimizer shards
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name)
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    url: str  # the step folder, a local path or s3://bucket/key
+    step: int
+
+    @property
+    def run(self) -> str:
+        """The folder holding this run's checkpoints."""
+        return self.url.rstrip("/").rsplit("/", 1)[0]
+
+
+def complete_checkpoints(location: str, max_depth: int = 4) -> list[CheckpointRef]:
+    """Every complete checkpoint at or below ``location`` (at most ``max_depth`` folders
+    down), oldest first."""
+    storage = open_storage(location)
+    refs = []
+    for name in storage.list():
+        parts = name.split("/")
+        if parts[-1] != COMPLETE or len(parts) - 1 > max_depth:
+            continue
+        folder = "/".join(parts[:-1])
+        match = _STEP.search(folder or location.rstrip("/"))
+        if match:
+            refs.append(CheckpointRef(join(location, folder) if folder else location.rstrip("/"),
+                                      int(match.group(1))))
+    return sorted(refs, key=lambda r: (r.run, r.step))
+
+
+def find_checkpoint(location: str, name: str | None = None) -> CheckpointRef:
+    """The newest complete checkpoint in ``location`` (a checkpoint, a run's folder or a
+    ``train.output``). ``name``: the run's name, which picks among several runs."""
+    refs = complete_checkpoints(location)
+    if name and len({r.run for r in refs}) > 1:
+        mine = [r for r in refs if f"/{name}/" in r.url.replace(os.sep, "/")]
+        refs = mine or refs
+    runs = sorted({r.run for r in refs})
+    if not refs:
+        raise FileNotFoundError(f"no complete checkpoint (a step<N> folder with {COMPLETE}) under {location}")
+    if len(runs) > 1:
+        raise ValueError(f"{location} holds checkpoints of {len(runs)} runs ({', '.join(runs)}): "
+                         "name one of those folders")
+    return max(refs, key=lambda r: r.step)
+
+
+@contextlib.contextmanager
+def local_copy(ref: CheckpointRef | str) -> Iterator[Path]:
+    """The checkpoint's folder on local disk: itself, or a temporary download of an S3 one
+    (removed afterwards). The folder keeps its ``step<N>`` name."""
+    url = ref.url if isinstance(ref, CheckpointRef) else ref
+    if "://" not in url:
+        yield Path(url)
+        return
+    storage = open_storage(url)
+    with tempfile.TemporaryDirectory(prefix="dups-ckpt-") as tmp:
+        local = Path(tmp) / url.rstrip("/").rsplit("/", 1)[1]
+        for name in storage.list():
+            storage.get_file(name, local / name)
+        yield local
+
+
+def write_complete(folder: Path, step: int, world: int) -> None:
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    (folder / COMPLETE).write_text(json.dumps({"step": step, "world_size": world, "files": files}))
+
+
+def publish(staged: Path, dest: str, step: int, world: int) -> str:
+    """Moves a fully written local checkpoint folder to ``dest`` (local or S3), the
+    ``complete.json`` marker last, and removes the staged copy. Returns ``dest``."""
+    if "://" not in dest:
+        target = Path(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_complete(staged, step, world)
+        if target.exists():  # a partial folder of an earlier attempt at this step
+            shutil.rmtree(target)
+        os.replace(staged, target)  # staged next to it: one rename on the same filesystem
+        return str(target)
+    storage = open_storage(dest)
+    files = sorted(p for p in staged.rglob("*") if p.is_file())
+    for path in files:
+        storage.put_file(str(path.relative_to(staged)), path)
+    write_complete(staged, step, world)
+    storage.put_file(COMPLETE, staged / COMPLETE)
+    shutil.rmtree(staged)
+    return dest
+
+
+def mark_complete(dest: str, step: int, world: int) -> None:
+    """Writes ``complete.json`` into an already stored checkpoint folder (Ray's uploads)."""
+    storage = open_storage(dest)
+    files = [n for n in storage.list() if n != COMPLETE]
+    storage.put_bytes(COMPLETE, json.dumps({"step": step, "world_size": world, "files": files}).encode())
+
+
+def prune(run: str, keep: int) -> list[str]:
+    """Removes all but the newest ``keep`` complete checkpoints directly in the run folder
+    ``run``, and unfinished ``step<N>`` folders older than the newest complete one."""
+    if keep <= 0:
+        return []
+    storage = open_storage(run)
+    names = storage.list()
+    folders = {n.split("/", 1)[0] for n in names if "/" in n and _STEP.fullmatch(n.split("/", 1)[0])}
+    complete = sorted(f for f in folders if f"{f}/{COMPLETE}" in names)
+    if not complete:
+        return []
+    newest = complete[-1]
+    doomed = complete[:-keep] + sorted(f for f in folders if f not in complete and f < newest)
+    for folder in doomed:
+        storage.delete_prefix(folder)
+    return doomed
+
+
+def _load_weights_only(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The model's fp32 weights in a local checkpoint folder: ZeRO's fp32 master copies
+    (consolidated with DeepSpeed's own tool) when there are any, else the module's tensors."""
+    if list(folder.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        module = get_fp32_state_dict_from_zero_checkpoint(root, tag)
-    return {k: v.float() for k, v in module.items()}, os.path.join(root, tag)
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), folder.name)
+    else:
+        files = sorted(folder.glob("*model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed model states in this checkpoint")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
+def model_state(path: str, name: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """(fp32 state dict, where it came from) of exported weights (``.safetensors``), a
+    weights-only ``.pt`` file, or the newest complete checkpoint in a folder (local or S3)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        with local_file(path) as local:
+            return load_file(str(local)), path
+    if path.endswith(".pt"):
+        with local_file(path) as local:
+            state = _load_weights_only(local)
+        return state.get("module", state), path
+    ref = find_checkpoint(path, name)
+    with local_copy(ref) as folder:
+        return fp32_state_dict(folder), ref.url
+
+
+@contextlib.contextmanager
+def local_file(url: str) -> Iterator[Path]:
+    """A file on local disk: itself, or a temporary download of an S3 object."""
+    if "://" not in url:
+        if not Path(url).is_file():
+            raise FileNotFoundError(f"no such file {url}")
+        yield Path(url)
+        return
+    parent, _, base = url.rstrip("/").rpartition("/")
+    storage = open_storage(parent)
+    if not storage.exists(base):
+        raise FileNotFoundError(f"no such object {url}")
+    with tempfile.TemporaryDirectory(prefix="dups-file-") as tmp:
+        storage.get_file(base, Path(tmp) / base)
+        yield Path(tmp) / base

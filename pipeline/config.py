@@ -73,7 +73,9 @@ class TrainConfig:
     eval_every: int = 5000
     checkpoint_every: int = 5000
     seed: int = 0
-    pretrained: str = ""  # pre-training checkpoint whose encoder.* tensors are loaded
+    pretrained: str = ""  # exported weights (.safetensors) or a checkpoint whose encoder.* tensors are loaded
+    pretrained_partial: bool = False  # allow missing / unexpected encoder keys (else an error naming them)
+    keep_checkpoints: int = 3  # the newest N complete checkpoints are kept (local and S3)
     output: str = "runs"  # local directory or s3:// prefix for checkpoints
     pictures: int = 2  # token-selection pictures per evaluation
 

@@ -33,6 +33,26 @@ def init_single_process() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
 
 
+def collective_device(backend: str | None = None) -> torch.device:
+    """Where tensors for a collective must live: NCCL takes only CUDA tensors (the rank's own
+    device), gloo only CPU ones. ``backend``: the process group's, by default the current one."""
+    if backend is None:
+        backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    if str(backend).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks (itself without a process group), on its own device;
+    the reduction itself runs on ``collective_device()``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    moved = tensor.to(collective_device())
+    dist.all_reduce(moved)
+    return moved.to(tensor.device)
+
+
 def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))

@@ -20,6 +20,7 @@ from model.ratios import RatioPolicy
 from model.segmentor import DUPSSegmentor, semantic_probabilities
 
 from .config import EvalConfig
+from .engine import all_reduce_sum
 from .measure import flop_counter
 
 
@@ -184,7 +185,7 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
             lab = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long().numpy()
             figs.append(token_figure(image[0], lab, seen, out.records, classes))
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(conf)
+        conf = all_reduce_sum(conf)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (flops, tokens, mse, selection))
         flops = [f for g in gathered for f in g[0]]
@@ -248,8 +249,7 @@ def evaluate_classification(model, samples, device, dtype=torch.float32, batch: 
             flush()
     if buf:
         flush()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
+    counts = all_reduce_sum(counts)
     model.train()
     n = max(counts[2].item(), 1)
     return {"val/top1": 100 * counts[0].item() / n, "val/top5": 100 * counts[1].item() / n,

@@ -19,7 +19,7 @@ def load_checkpoint_model(cfg: Config, checkpoint: str, device: torch.device):
     from .train import build_model
 
     model = build_model(cfg)
-    state, where = model_state(checkpoint)
+    state, where = model_state(checkpoint, cfg.name)
     model.load_state_dict(state)
     val_root = cfg.data.val or cfg.data.train
     manifest = load_manifest(val_root)

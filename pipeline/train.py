@@ -9,8 +9,8 @@ is saved: steps replayed after a crash were never logged, so no step is counted 
 """
 from __future__ import annotations
 
+import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ from model.ratios import RatioPolicy
 from model.segmentor import build_segmentor, oracle_maps
 
 from . import augment
-from .checkpoints import model_state
+from .checkpoints import join, local_copy, model_state, tag_of
 from .config import Config
 from .data import EvalStream, load_manifest, shards_of, train_loader
 from .engine import build_engine, device_for_rank, input_dtype
@@ -38,12 +38,14 @@ log = logging.getLogger("dups.train")
 
 @dataclass
 class RunHooks:
-    """What the launcher decides. ``checkpoint_dir(step)`` is where this rank saves;
-    ``on_checkpoint(step, directory, metrics)`` runs on every rank after all have saved."""
+    """What the launcher decides. ``stage_dir(step)``: a local folder where this rank writes
+    its part of the checkpoint (DeepSpeed puts it in ``<stage_dir>/step<N>``);
+    ``publish(step, folder)`` runs on every rank once all have written, stores the checkpoint
+    where it belongs (``complete.json`` last) and returns its location."""
 
-    checkpoint_dir: Callable[[int], str]
-    on_checkpoint: Callable[[int, str, dict], None] = lambda step, d, m: None
-    resume_from: str | None = None  # a directory holding a DeepSpeed checkpoint ('latest')
+    stage_dir: Callable[[int], str]
+    publish: Callable[[int, Path], str]
+    resume_from: str | None = None  # a checkpoint folder (local or s3://) to continue from
     stop_after: int | None = None  # stop early (tests: an interrupted run)
     run_id: str | None = None  # an MLflow run made by the launcher (every restart logs there)
 
@@ -95,10 +97,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg)
         if cfg.train.pretrained and not hooks.resume_from:
-            state, _ = model_state(cfg.train.pretrained)
+            state, where = model_state(cfg.train.pretrained)
             report = load_backbone(self.model, state)
+            if (report.missing or report.unexpected) and not cfg.train.pretrained_partial:
+                raise ValueError(f"train.pretrained {where} does not fit {cfg.model.name}'s encoder: "
+                                 f"{report} (train.pretrained_partial=true loads what matches)")
             if self.rank == 0:
-                log.info("pre-trained backbone %s: %s", cfg.train.pretrained, report)
+                log.info("pre-trained backbone %s: %s", where, report)
         self.engine = build_engine(self.model.to(self.device), build_optimizer(self.model, cfg.optim), cfg)
         self.pretrain = cfg.train.task == "pretrain"
         if not self.pretrain:
@@ -131,35 +136,38 @@ class Trainer:
         return _SegmentationTransform(d.crop, d.scale_range, d.photometric)
 
     # --- checkpoints -------------------------------------------------------------------
-    def _load(self, directory: str) -> dict:
-        path, client = self.engine.load_checkpoint(directory)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
-        tag_dir = Path(path) if Path(path).is_dir() else Path(path).parent  # DeepSpeed returns a file
-        rng_file = tag_dir / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        else:
-            log.warning("no %s: this rank's random state starts afresh", rng_file)
+    def _load(self, location: str) -> dict:
+        with local_copy(location) as folder:
+            path, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint in {location}")
+            rng_file = folder / f"rng_rank{self.rank}.pt"
+            if not rng_file.is_file():
+                raise FileNotFoundError(f"{location} has no {rng_file.name}: it was written by "
+                                        "another number of ranks, or is incomplete")
+            _set_rng_state(torch.load(rng_file, weights_only=True))
         self.step = client["step"]
         if self.rank == 0:
-            log.info("resumed from %s at step %d", path, self.step)
+            log.info("resumed from %s at step %d", location, self.step)
         return client
 
     def save(self) -> str:
-        directory = self.hooks.checkpoint_dir(self.step)
-        tag = f"step{self.step:08d}"
+        """Every part of the checkpoint (model, optimizer, RNG, data position, run id, config)
+        is written on every rank before the launcher publishes it."""
+        stage, tag = Path(self.hooks.stage_dir(self.step)), tag_of(self.step)
         client = {"step": self.step, "data": self.position.state_dict(), "mlflow_run_id": self.run_id,
                   "config": self.cfg.to_dict()}
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client)
-        torch.save(_rng_state(), Path(directory) / tag / f"rng_rank{self.rank}.pt")
+        self.engine.save_checkpoint(str(stage), tag=tag, client_state=client, save_latest=False)
+        torch.save(_rng_state(), stage / tag / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            (stage / tag / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         dist.barrier()
+        where = self.hooks.publish(self.step, stage / tag)
         for step, metrics in self.pending:  # flushed only now: see the module docstring
             self.tracker.metrics(metrics, step)
         self.pending.clear()
-        self.tracker.tag("last_checkpoint", os.path.join(directory, tag))
-        self.hooks.on_checkpoint(self.step, directory, {"step": self.step})
-        return directory
+        self.tracker.tag("last_checkpoint", where)
+        return where
 
     # --- one step ----------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict[str, float]:
@@ -224,8 +232,20 @@ class Trainer:
         bar.close()
         result.steps = self.step
         if self.step == total:
+            if self.pretrain and self.rank == 0:
+                self._export_final(result.last_checkpoint)
             self.tracker.close()
         return result
+
+    def _export_final(self, checkpoint: str) -> None:
+        """Pre-training ends by exporting its weights where fine-tuning configs look:
+        ``<train.output>/<name>/<name>.safetensors``."""
+        from .export import export_weights
+
+        out = join(join(self.cfg.train.output, self.cfg.name), f"{self.cfg.name}.safetensors")
+        export_weights(checkpoint, out)
+        self.tracker.tag("exported_weights", out)
+        log.info("exported the pre-trained weights to %s", out)
 
     def evaluate(self) -> dict:
         from .evaluate import evaluate, evaluate_classification

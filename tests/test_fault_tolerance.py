@@ -22,14 +22,14 @@ def kill_a_worker_after_first_checkpoint(storage: Path, finished_marker: str, re
     """Waits for the run's checkpoints, then SIGKILLs one Ray Train worker process."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:  # two on storage: the first is surely registered by Ray
-        if len(list(storage.glob("checkpoint_*"))) >= 2:
+        if len(list(storage.glob("step*"))) >= 2:
             break
         time.sleep(0.2)
-    record["checkpoints_before"] = sorted(p.name for p in storage.glob("checkpoint_*"))
+    record["checkpoints_before"] = sorted(p.name for p in storage.glob("step*"))
     for proc in psutil.process_iter(["pid", "cmdline"]):
         if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
             record["killed"] = proc.info["pid"]
-            record["final_existed"] = any((p / finished_marker).exists() for p in storage.glob("checkpoint_*"))
+            record["final_existed"] = any((p / finished_marker).exists() for p in storage.glob("step*"))
             os.kill(proc.info["pid"], signal.SIGKILL)
             return
 

@@ -127,21 +127,6 @@ def test_end_to_end_local_bad_inputs_readback_and_rerun(tmp_path, local_ray):
     assert third["run"]["shards_written"] == 1 and third["splits"] == manifest["splits"]
 
 
-@pytest.fixture
-def s3_server(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 def test_s3_output_is_byte_identical_to_local(tmp_path, local_ray, s3_server):
     import boto3
 

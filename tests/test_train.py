@@ -27,7 +27,7 @@ def test_resume_continues_exactly_and_logs_to_the_same_run(shards, tmp_path):
     full = train_local(th.test_config(shards, tmp_path / "a", *common))
     first = train_local(th.test_config(shards, tmp_path / "b", *common), stop_after=3)
     assert first.steps == 3
-    second = train_local(th.test_config(shards, tmp_path / "b", *common), resume=True)
+    second = train_local(th.test_config(shards, tmp_path / "b", *common), resume=str(tmp_path / "b"))
     assert second.steps == 6 and second.run_id == first.run_id
     assert first.losses + second.losses == full.losses  # bitwise: same batches, same RNG
 

@@ -27,13 +27,14 @@ def spawned_rank(rank: int, world: int, port: int, overrides: list[str], shards:
     """Entry point of one rank in a spawned process group (no Ray)."""
     import torch.distributed as dist
 
-    from pipeline.train import RunHooks, train
+    from cluster.launch import local_hooks
+    from pipeline.train import train
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = test_config(shards, Path(out), *overrides)
-    result = train(cfg, RunHooks(checkpoint_dir=lambda step: str(Path(out) / "ckpt")))
+    result = train(cfg, local_hooks(cfg))
     queue.put((rank, result.steps, result.losses))
     dist.barrier()
     dist.destroy_process_group()

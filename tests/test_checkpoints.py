@@ -1,0 +1,161 @@
+"""Checkpoints on local disk and S3: published whole, found from a run's folder or
+``train.output``, resumed, evaluated and exported from S3, pruned; pre-training handed to
+fine-tuning through exported safetensors."""
+import os
+
+import boto3
+import pytest
+import torch
+
+import train_helpers as th
+from cluster.launch import train_local
+from pipeline.checkpoints import COMPLETE, find_checkpoint, model_state
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return th.make_dataset(tmp_path_factory.mktemp("ckpt-data"))
+
+
+def s3_names(bucket: str, prefix: str = "") -> list[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def test_a_crash_between_the_parts_leaves_the_previous_checkpoint(shards, tmp_path, monkeypatch):
+    import pipeline.train as train_mod
+
+    common = ["train.iters=4", "train.checkpoint_every=2", "train.eval_every=100", "launch.launcher=local"]
+    full = train_local(th.test_config(shards, tmp_path / "a", *common))
+
+    real = train_mod._rng_state
+    def crash_at_step_4():  # DeepSpeed's model and optimizer files are written, the RNG is not
+        if (tmp_path / "b" / "demo" / "checkpoints" / ".staging-step00000004").exists():
+            raise RuntimeError("killed mid-save")
+        return real()
+    monkeypatch.setattr(train_mod, "_rng_state", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="killed mid-save"):
+        train_local(th.test_config(shards, tmp_path / "b", *common))
+    monkeypatch.setattr(train_mod, "_rng_state", real)
+    assert find_checkpoint(str(tmp_path / "b")).step == 2  # the half-written step 4 is not taken
+    resumed = train_local(th.test_config(shards, tmp_path / "b", *common), resume=str(tmp_path / "b"))
+    assert resumed.steps == 4 and resumed.losses == full.losses[2:]
+    folders = sorted(p.name for p in (tmp_path / "b" / "demo" / "checkpoints").iterdir())
+    assert folders == ["step00000002", "step00000004"]  # the staging leftover was cleared
+
+
+def test_run_on_s3_resumes_evaluates_and_exports_from_s3(shards, tmp_path, s3_server, monkeypatch):
+    from cluster.cli import main
+    from pipeline.export import export_weights
+
+    monkeypatch.chdir(tmp_path)
+    boto3.client("s3").create_bucket(Bucket="runs")
+    common = ["train.iters=4", "train.checkpoint_every=1", "train.eval_every=100", "launch.launcher=local",
+              "train.output=s3://runs/out", "train.keep_checkpoints=2"]
+    first = train_local(th.test_config(shards, tmp_path, *common), stop_after=2)
+    assert first.last_checkpoint == "s3://runs/out/demo/checkpoints/step00000002"
+    assert not (tmp_path / "s3:").exists() and not list(tmp_path.glob("**/step0000000*"))
+    second = train_local(th.test_config(shards, tmp_path, *common), resume="s3://runs/out")
+    assert second.steps == 4 and second.run_id == first.run_id
+    names = s3_names("runs", "out/")
+    steps = sorted({n.split("/")[3] for n in names})
+    assert steps == ["step00000003", "step00000004"], steps  # the newest 2 kept
+    assert f"out/demo/checkpoints/step00000004/{COMPLETE}" in names
+    assert "out/demo/checkpoints/step00000004/rng_rank0.pt" in names
+
+    # the three readers take the train.output, a run's folder, or a checkpoint, all on S3
+    for where in ("s3://runs/out", "s3://runs/out/demo", "s3://runs/out/demo/checkpoints/step00000004"):
+        assert find_checkpoint(where).url == "s3://runs/out/demo/checkpoints/step00000004"
+    source = export_weights("s3://runs/out", "s3://runs/weights/demo.safetensors")
+    assert source.endswith("step00000004")
+    exported, _ = model_state("s3://runs/weights/demo.safetensors")
+    from_ckpt, _ = model_state("s3://runs/out")
+    assert exported.keys() == from_ckpt.keys()
+    assert all(torch.equal(exported[k], from_ckpt[k]) and exported[k].dtype == torch.float32 for k in exported)
+    assert "weights/demo.json" in s3_names("runs", "weights/")
+    mlflow_uri = f"sqlite:///{tmp_path}/mlruns.db"
+    assert main(["eval", "demo", f"data.train={shards}", f"tracking.uri={mlflow_uri}", "data.crop=64",
+                 "--checkpoint", "s3://runs/out"]) == 0
+    assert main(["export", "s3://runs/out", str(tmp_path / "w.safetensors")]) == 0
+    local, _ = model_state(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(local[k], exported[k]) for k in exported)
+
+
+def test_find_checkpoint_names_the_runs_when_several_are_found(tmp_path):
+    for run in ("a", "b"):
+        folder = tmp_path / run / "checkpoints" / "step00000001"
+        folder.mkdir(parents=True)
+        (folder / COMPLETE).write_text("{}")
+    (tmp_path / "b" / "checkpoints" / "step00000009").mkdir()  # unfinished: never chosen
+    with pytest.raises(ValueError, match="2 runs"):
+        find_checkpoint(str(tmp_path))
+    assert find_checkpoint(str(tmp_path), name="b").url == str(tmp_path / "b" / "checkpoints" / "step00000001")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        find_checkpoint(str(tmp_path / "b" / "checkpoints" / "step00000009"))
+
+
+def test_pretraining_on_two_ray_workers_hands_its_weights_to_finetuning(tmp_path, monkeypatch):
+    """Pre-training exports <output>/<name>/<name>.safetensors; a fine-tuning config that
+    points there loads every encoder tensor; a backbone that does not fit is an error."""
+    import ray
+    from safetensors.torch import load_file, save_file
+
+    import prep_fixtures as fx
+    from cluster.launch import train_ray
+    from data_prep.job import prepare
+    from pipeline.config import load_config
+    from pipeline.engine import init_single_process
+    from pipeline.train import Trainer
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    fx.imagenet(tmp_path / "in")
+    prepare("imagenet", str(tmp_path / "in"), str(tmp_path / "shards"), progress=False, use_ray=False)
+    cfg = load_config("pretrain_imagenet_tiny", [
+        f"data.train={tmp_path / 'shards'}", f"train.output={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "model.name=dups_demo", "model.num_classes=2",
+        "data.image_size=64", "data.batch_size=1", "data.workers=0", "data.shuffle_buffer=2",
+        "train.iters=2", "train.eval_every=100", "train.checkpoint_every=2", "launch.workers=2",
+        "launch.use_gpu=false", "launch.cpus_per_worker=1", "engine.precision=fp32", "optim.warmup_iters=1"])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = train_ray(cfg)
+    finally:
+        ray.shutdown()
+    assert result.error is None
+    weights = tmp_path / "runs" / "pretrain_imagenet_tiny" / "pretrain_imagenet_tiny.safetensors"
+    exported = load_file(str(weights))
+    assert (tmp_path / "runs" / "ray" / "pretrain_imagenet_tiny" / "step00000002" / COMPLETE).is_file()
+    assert not [p for p in os.listdir("/tmp") if p.startswith("dups-stage-")]  # no per-rank copies left
+
+    finetune = ["launch.launcher=local", f"train.pretrained={weights}"]
+    init_single_process()
+    trainer = Trainer(th.test_config(th.make_dataset(tmp_path / "seg", train=4, val=1), tmp_path / "ft",
+                                     *finetune), _no_hooks())
+    encoder = {f"encoder.{k}": v for k, v in trainer.model.encoder.state_dict().items()}
+    assert encoder and all(torch.equal(encoder[k], exported[k]) for k in encoder)
+    trainer.tracker.close()
+
+    del exported["encoder.stem.weight"]  # a backbone that does not fit: named in the error
+    exported["encoder.extra"] = torch.zeros(1)
+    save_file(exported, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"missing 1: stem\.weight; unexpected 1: encoder\.extra"):
+        Trainer(th.test_config(str(tmp_path / "seg" / "shards"), tmp_path / "ft2", "launch.launcher=local",
+                               f"train.pretrained={tmp_path / 'bad.safetensors'}"), _no_hooks())
+
+
+def _no_hooks():
+    from pipeline.train import RunHooks
+
+    return RunHooks(stage_dir=lambda step: "", publish=lambda step, folder: "")
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_finetuning_configs_look_where_pretraining_exports(size):
+    from pipeline.checkpoints import join
+    from pipeline.config import load_config
+
+    pre = load_config(f"pretrain_imagenet_{size}", [])
+    exported = join(join(pre.train.output, pre.name), f"{pre.name}.safetensors")
+    for dataset in ("ade20k", "cocostuff", "cityscapes"):
+        fine = load_config(f"finetune_{dataset}_{size}", [])
+        assert fine.train.pretrained == exported and fine.model.name == pre.model.name
