@@ -50,6 +50,32 @@ def test_config_batch_arithmetic(name, gpus, global_batch):
         assert cfg.data.crop == (1024 if "cityscapes" in name else 512)
 
 
+def test_a_gpu_run_never_falls_back_to_cpus():
+    from cluster.launch import wants_gpus
+
+    cfg = load_config("finetune_ade20k_tiny", ["launch.cpus_per_worker=1"])
+    assert wants_gpus(cfg, {"CPU": 64, "GPU": 4}, joined=True)
+    assert wants_gpus(cfg, {"CPU": 64}, joined=True)  # a cluster just up: Ray waits for the GPUs
+    with pytest.raises(ValueError, match="launch.use_gpu=true but this machine has no GPU"):
+        wants_gpus(cfg, {"CPU": 64}, joined=False)
+    with pytest.raises(ValueError, match="need 4 CPUs; this machine's Ray has 2"):
+        wants_gpus(cfg, {"CPU": 2, "GPU": 4}, joined=False)
+    cpu = load_config("finetune_ade20k_tiny", ["launch.use_gpu=false", "launch.cpus_per_worker=1"])
+    assert not wants_gpus(cpu, {"CPU": 4, "GPU": 4}, joined=False)
+
+
+def test_local_launcher_refuses_use_gpu_without_cuda(tmp_path):
+    import torch
+
+    from cluster.launch import train_local
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = load_config("finetune_ade20k_tiny", ["launch.launcher=local", f"train.output={tmp_path}"])
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        train_local(cfg)
+
+
 @pytest.fixture
 def ray_head():
     """`ray start --head --block` in its own process group; ended by group id, not `ray stop`."""

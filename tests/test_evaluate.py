@@ -159,3 +159,26 @@ def test_oracle_evaluation_splits_exactly_the_ground_truth_edge_tokens():
     assert max(res.split_ratio) < 1
     with pytest.raises(ValueError, match="single-scale only"):
         evaluate(model, [sample], 5, policy, EvalConfig(flip=True), 128, torch.device("cpu"), oracle=True)
+
+
+def test_collectives_run_on_the_backends_device():
+    """NCCL takes only CUDA tensors: every collective's device is collective_device()'s choice."""
+    import torch.distributed as dist
+
+    from pipeline.engine import all_reduce_sum, collective_device, free_port
+
+    assert collective_device("nccl") == torch.device("cuda", 0)
+    assert collective_device("NCCL").type == "cuda"
+    assert collective_device("gloo") == torch.device("cpu")
+    counts = torch.arange(4, dtype=torch.float64)
+    ours = not dist.is_initialized()  # earlier tests may leave their one-rank group up
+    if ours:
+        assert all_reduce_sum(counts) is counts  # no process group: itself
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        assert collective_device() == torch.device("cpu")
+        summed = all_reduce_sum(counts)
+        assert torch.equal(summed, counts) and summed.device == counts.device
+    finally:
+        if ours:
+            dist.destroy_process_group()
