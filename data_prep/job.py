@@ -2,7 +2,7 @@
 
 Ray tasks, one per shard (not Ray Data): a shard is the unit of determinism, idempotence
 and failure. The plan (which sample goes to which shard, in which order) is made up front from
-the sorted listing and the source file sizes, so the shards' names, order and bytes do not
+the listing (sorted; the training split then put in a seeded order) and the source file sizes, so the shards' names, order and bytes do not
 depend on how many workers run them. Each task checks and encodes its samples, writes the tar
 with fixed metadata (mtime 0) under a temporary name, publishes it whole, and writes a
 ``.json`` sidecar with its sha256, counts, statistics and rejected inputs. A re-run skips every
@@ -10,9 +10,11 @@ shard whose sidecar exists and whose bytes still hash to it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,7 +40,12 @@ class ShardPlan:
 
 
 def plan_shards(prefix: str, split: str, samples: list[SampleRef], shard_bytes: int) -> list[ShardPlan]:
-    """Consecutive samples until their source files reach ``shard_bytes``."""
+    """Consecutive samples until their source files reach ``shard_bytes``. The training split
+    is first put in a seeded order (the listing is sorted, ImageNet's by class: a shard of it
+    would hold one or two classes), the same on every run."""
+    if split == "train":
+        samples = list(samples)
+        random.Random(f"{prefix}-{split}-order").shuffle(samples)
     plans, current, size = [], [], 0
     for ref in samples:
         nbytes = os.path.getsize(ref.image) + (os.path.getsize(ref.label) if ref.label else 0)
@@ -50,6 +57,11 @@ def plan_shards(prefix: str, split: str, samples: list[SampleRef], shard_bytes: 
     if current:
         plans.append(current)
     return [ShardPlan(f"{prefix}-{split}-{i:06d}.tar", split, tuple(p)) for i, p in enumerate(plans)]
+
+
+def plan_digest(plan: ShardPlan) -> str:
+    """Which samples, in which order: a re-run skips a shard only if its plan is unchanged."""
+    return hashlib.sha256("\n".join(ref.key for ref in plan.samples).encode()).hexdigest()
 
 
 def _quarantine(storage, split: str, ref_key: str, path: str) -> str:
@@ -72,7 +84,7 @@ def write_shard(dataset: str, plan: ShardPlan, out_url: str) -> dict:
     sidecar_name = plan.name + ".json"
     if storage.exists(plan.name) and storage.exists(sidecar_name):
         sidecar = json.loads(storage.get_bytes(sidecar_name))
-        if storage.sha256(plan.name) == sidecar.get("sha256"):
+        if sidecar.get("plan") == plan_digest(plan) and storage.sha256(plan.name) == sidecar.get("sha256"):
             return {**sidecar, "skipped": True}
     segmentation = dataset != "imagenet"
     if segmentation:
@@ -100,7 +112,7 @@ def write_shard(dataset: str, plan: ShardPlan, out_url: str) -> dict:
         digest = sha256_file(local)
         nbytes = local.stat().st_size
         storage.put_file(plan.name, local)
-    sidecar = {"name": plan.name, "split": plan.split, "samples": count, "sha256": digest,
+    sidecar = {"name": plan.name, "split": plan.split, "samples": count, "sha256": digest, "plan": plan_digest(plan),
                "bytes": nbytes, "rejected": rejected,
                "fractions": {k: {str(s): v for s, v in f.items()} for k, f in fractions.items()},
                "seconds": round(time.perf_counter() - start, 3)}

@@ -1,11 +1,12 @@
 """Streaming WebDataset shards (local or S3) into training batches, resumably.
 
 Each rank runs ``workers`` DataLoader processes; every (rank, worker) pair is one *stream*.
-Epoch e: the shards are permuted with (seed, e) and dealt out to the streams (or, with fewer
-shards than streams, every stream reads all shards and keeps every n-th sample). From the
-manifest's per-shard counts every rank computes the same number of batches per stream, m_e,
-so all ranks take exactly the same number of steps and none can hang on a collective; the
-few samples beyond m_e batches in a stream are left for the next epoch's permutation.
+Epoch e: the shards are permuted with (seed, e), read as one sequence and cut into equal
+contiguous runs, one per stream (``plan_epoch``), so every sample is seen once per epoch
+whatever the numbers of shards and streams. From the manifest's per-shard counts every rank
+computes the same number of batches per stream, m_e, so all ranks take exactly the same
+number of steps and none can hang on a collective; the few samples beyond m_e batches in a
+stream (fewer than a batch) wait for the next epoch's permutation.
 
 Samples pass a shuffle buffer (seeded per stream and epoch) as raw bytes; decoding and
 augmentation come after, with a generator seeded by (seed, epoch, stream, index). The
@@ -60,44 +61,76 @@ def open_stream(url: str):
 
 
 def read_shard(url: str) -> Iterator[dict]:
-    """Raw samples of one shard: {"__key__", member suffix: bytes}; the image as ``img``."""
+    """Raw samples of one shard: {"__key__", member suffix: bytes}; the image as ``img``.
+    A damaged tar is an error naming the shard and the last good sample."""
+    import tarfile
+
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     stream = open_stream(url)
+    last = None
     try:
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
         for sample in group_by_keys(files):
             for ext in ("img.jpg", "img.png"):
                 if ext in sample:
                     sample["img"] = sample.pop(ext)
+            last = sample["__key__"]
             yield sample
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"shard {url} is damaged after sample {last!r} "
+                         f"({type(err).__name__}: {err}): run `dups prep` again") from err
     finally:
         stream.close()
+
+
+def read_samples(shard: Shard, first: int, stop: int) -> Iterator[dict]:
+    """Samples ``first`` to ``stop`` of a shard (the ones before are read past, not decoded).
+    A shard shorter than its manifest says is an error naming it: every rank must take the
+    same number of batches."""
+    n = -1
+    samples = read_shard(shard.url)
+    try:
+        for n, sample in enumerate(samples):
+            if n >= stop:
+                return
+            if n >= first:
+                yield sample
+    finally:
+        samples.close()
+    if n + 1 < stop:
+        raise ValueError(f"shard {shard.url} ended after {n + 1} samples; its manifest says "
+                         f"{shard.samples} (truncated or replaced: run `dups prep` again)")
 
 
 @dataclass(frozen=True)
 class StreamPlan:
     """Which samples each stream reads in one epoch."""
 
-    shards: tuple[tuple[int, ...], ...]  # per stream: shard indices, in order
-    stride: int  # keep every ``stride``-th sample (1 = all)
-    offsets: tuple[int, ...]  # per stream: which of them
+    pieces: tuple[tuple[tuple[int, int, int], ...], ...]  # per stream: (shard, first, stop) in order
     batches: int  # m_e: batches every stream yields this epoch
 
 
 def plan_epoch(shards: list[Shard], epoch: int, seed: int, streams: int, batch_size: int) -> StreamPlan:
+    """The shards in a seeded order make one sequence of N samples, cut into ``streams``
+    contiguous runs of N // streams (or one more); every stream reads the first
+    m * batch_size samples of its run, m = (N // streams) // batch_size. So an epoch reads
+    every sample once, bar fewer than batch_size + 1 per stream, whatever the shard count."""
     order = list(range(len(shards)))
     random.Random(f"{seed}-{epoch}").shuffle(order)
-    if len(shards) >= streams:
-        dealt = tuple(tuple(order[s::streams]) for s in range(streams))
-        counts = [sum(shards[i].samples for i in d) for d in dealt]
-        stride, offsets = 1, (0,) * streams
-    else:  # fewer shards than streams: everyone reads all, keeps every streams-th sample
-        dealt = (tuple(order),) * streams
-        total = sum(s.samples for s in shards)
-        counts = [len(range(s, total, streams)) for s in range(streams)]
-        stride, offsets = streams, tuple(range(streams))
-    return StreamPlan(dealt, stride, offsets, min(counts) // batch_size)
+    total = sum(s.samples for s in shards)
+    batches = (total // streams) // batch_size
+    pieces = []
+    for stream in range(streams):
+        lo = stream * total // streams
+        hi, pos, mine = lo + batches * batch_size, 0, []
+        for i in order:
+            first, stop = max(lo, pos), min(hi, pos + shards[i].samples)
+            if first < stop:
+                mine.append((i, first - pos, stop - pos))
+            pos += shards[i].samples
+        pieces.append(tuple(mine))
+    return StreamPlan(tuple(pieces), batches)
 
 
 def shuffled(samples: Iterator[dict], buffer: int, rng: random.Random) -> Iterator[dict]:
@@ -149,12 +182,8 @@ class TrainStream(IterableDataset):
         plan = self.plan(epoch)
         rng = random.Random(f"{self.seed}-{epoch}-{stream}-buffer")
         def raw():
-            n = 0
-            for i in plan.shards[stream]:
-                for sample in read_shard(self.shards[i].url):
-                    if n % plan.stride == plan.offsets[stream]:
-                        yield sample
-                    n += 1
+            for i, first, stop in plan.pieces[stream]:
+                yield from read_samples(self.shards[i], first, stop)
         for index, sample in enumerate(shuffled(raw(), self.buffer, rng)):
             yield index, sample
 

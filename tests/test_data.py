@@ -113,3 +113,68 @@ def test_streams_from_s3_like_from_disk(dataset, tmp_path, monkeypatch):
             assert a["keys"] == b["keys"] and torch.equal(a["image"], b["image"])
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def five_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("five")
+    write_ade20k_layout(root / "src", train=23, val=1, size=(96, 128), seed=7)
+    prepare("ade20k", str(root / "src"), str(root / "shards"), shard_bytes=27_000,
+            progress=False, use_ray=False)
+    return str(root / "shards")
+
+
+def test_an_epoch_reads_every_sample_once(five_shards):
+    """2 ranks x 2 DataLoader workers over 5 uneven shards: one epoch's batches hold every
+    training sample once, bar fewer than a batch + 1 per stream."""
+    manifest = load_manifest(five_shards)
+    shards = shards_of(five_shards, manifest, "train")
+    assert len(shards) == 5 and len({s.samples for s in shards}) > 1
+    split = {sample["__key__"] for s in shards for sample in read_shard(s.url)}
+    assert len(split) == sum(s.samples for s in shards) == 23
+    batch, streams = 1, 4
+    for epoch in (0, 1):
+        keys = []
+        for rank in range(2):
+            loader, position = train_loader(shards, TRANSFORM, batch, rank, 2, 2, seed=4, shuffle_buffer=4,
+                                            position={"epoch": epoch, "taken": 0})
+            n = position.stream.batches_per_epoch(epoch)
+            keys += [k for b in take(loader, n) for k in b["keys"]]
+        assert len(keys) == len(set(keys)), "a sample was served twice in one epoch"
+        assert set(keys) <= split and len(split) - len(keys) < streams * (batch + 1)
+        assert len(keys) == 20  # 23 // 4 streams = 5 each (dealing whole shards gave 16)
+
+
+def test_prep_mixes_a_class_sorted_listing(tmp_path):
+    """ImageNet's listing is sorted by class; the training shards are not, so a batch read
+    straight through (no shuffle buffer) holds several classes."""
+    import prep_fixtures as fx
+    from pipeline.train import _ClassificationTransform
+
+    for c in range(6):
+        for j in range(6):
+            fx.jpeg(tmp_path / "in" / "train" / f"n0000000{c}" / f"n0000000{c}_{j}.JPEG", 24, 24, seed=c * 6 + j)
+    prepare("imagenet", str(tmp_path / "in"), str(tmp_path / "shards"), splits=("train",),
+            shard_bytes=4_000, progress=False, use_ray=False)
+    shards = shards_of(str(tmp_path / "shards"), load_manifest(str(tmp_path / "shards")), "train")
+    assert len(shards) > 3
+    loader, position = train_loader(shards, _ClassificationTransform(16), 4, 0, 1, 0, seed=0, shuffle_buffer=1)
+    batches = take(loader, position.stream.batches_per_epoch(0))
+    classes = [len(set(b["label"].tolist())) for b in batches]
+    assert np.mean(classes) >= 2.5, classes
+
+
+def test_a_damaged_shard_is_an_error_naming_it_and_the_last_sample(dataset, tmp_path):
+    from pipeline.data import Shard, read_samples
+
+    shard = shards_of(dataset, load_manifest(dataset), "train")[0]
+    data = open(shard.url, "rb").read()
+    keys = [s["__key__"] for s in read_shard(shard.url)]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) * 2 // 3])  # a truncated copy: ends inside a member
+    with pytest.raises(ValueError, match=r"shard .*cut\.tar is damaged after sample 'SYN_train_\d+'"):
+        list(read_samples(Shard(str(cut), shard.samples), 0, shard.samples))
+    short = tmp_path / "short.tar"  # a shard with fewer samples than its manifest says
+    short.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"short\.tar ended after {len(keys)} samples; its manifest says 99"):
+        list(read_samples(Shard(str(short), 99), 0, 99))
