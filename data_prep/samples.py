@@ -51,9 +51,12 @@ def read_label(data: bytes, path: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            mode = im.mode
             label = np.array(im)
     except Exception as err:
         raise BadInput(f"corrupt or truncated label ({type(err).__name__}: {err})", path) from err
+    if mode not in ("L", "P"):
+        raise BadInput(f"label must be an 8-bit single-channel PNG (mode L or P), got mode {mode}", path)
     if label.ndim != 2:
         raise BadInput(f"label must be a single-channel PNG, got shape {label.shape}", path)
     return label

@@ -42,6 +42,12 @@ def ade20k_with_bad_inputs(root: Path, train: int = 6, val: int = 2) -> dict[str
     lab[10, 10] = 200
     png(ann / "BAD_values.png", lab)
     bad["BAD_values.png"] = "label values out of range: [200]"
+    jpeg(img / "BAD_16bit.jpg", 64, 64)  # 16-bit and 1-bit labels index past the value tables
+    Image.fromarray(np.full((64, 64), 300, dtype=np.uint16)).save(ann / "BAD_16bit.png")
+    bad["BAD_16bit.png"] = "label must be an 8-bit single-channel PNG (mode L or P), got mode I;16"
+    jpeg(img / "BAD_1bit.jpg", 64, 64)
+    Image.fromarray(np.eye(64, dtype=bool)).save(ann / "BAD_1bit.png")
+    bad["BAD_1bit.png"] = "label must be an 8-bit single-channel PNG (mode L or P), got mode 1"
     jpeg(img / "BAD_nolabel.jpg", 64, 64)
     bad["BAD_nolabel.jpg"] = "missing pair: no label for this image"
     png(ann / "BAD_noimage.png", np.ones((64, 64)))
