@@ -59,7 +59,6 @@ def _train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_config(args.config, args.overrides)
-    _check_inputs(cfg)
     resume = None
     if args.resume is not None:  # bare --resume: this config's own train.output
         resume = args.resume or cfg.train.output
@@ -85,32 +84,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_inputs(cfg) -> None:
-    """Missing data is one clear error before anything starts."""
-    from pipeline.data import load_manifest
-
-    if not cfg.data.train:
-        raise ValueError("data.train is not set: point it at the output of `dups prep`")
-    load_manifest(cfg.data.train)
-    if cfg.data.val:
-        load_manifest(cfg.data.val)
-    if cfg.train.pretrained and cfg.train.pretrained.endswith((".safetensors", ".pt")):
-        from pipeline.checkpoints import local_file
-
-        with local_file(cfg.train.pretrained):
-            pass
-    elif cfg.train.pretrained:
-        from pipeline.checkpoints import find_checkpoint
-
-        find_checkpoint(cfg.train.pretrained)
-
-
 def _eval(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.evaluate_cli import run_eval
+    from pipeline.train import check_inputs
 
     cfg = load_config(args.config, args.overrides)
-    _check_inputs(cfg)
+    check_inputs(cfg, pretrained=False)
     print(run_eval(cfg, args.checkpoint)[0])
     return 0
 

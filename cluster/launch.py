@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.checkpoints import find_checkpoint, join, mark_complete, prune, publish, tag_of
 from pipeline.config import Config
-from pipeline.train import RunHooks
+from pipeline.train import RunHooks, check_inputs
 
 log = logging.getLogger("dups.launch")
 
@@ -71,6 +71,7 @@ def train_local(cfg: Config, resume: str | None = None, stop_after: int | None =
     if cfg.launch.use_gpu and not torch.cuda.is_available():
         raise ValueError("launch.use_gpu=true but torch sees no CUDA device here: set "
                          "launch.use_gpu=false to train on the CPU")
+    check_inputs(cfg, pretrained=resume is None)
     resume_from = resume_point(cfg, resume)
     init_single_process()
     return train(cfg, local_hooks(cfg, resume_from, stop_after))
@@ -195,6 +196,7 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     env = {k: v for k, v in os.environ.items()
            if k.startswith(("AWS_", "MLFLOW_")) or k in ("OMP_NUM_THREADS",)}
     env.setdefault("OMP_NUM_THREADS", str(cfg.launch.cpus_per_worker))
+    check_inputs(cfg, pretrained=resume is None)
     resume_from = resume_point(cfg, resume)
     storage = storage or ray_storage(cfg)
     run_id = None
@@ -217,4 +219,21 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             worker_runtime_env={"env_vars": env}),
     )
-    return trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception:
+        _mark_failed(cfg, run_id)
+        raise
+    if result.error is not None:
+        _mark_failed(cfg, run_id)
+    return result
+
+
+def _mark_failed(cfg: Config, run_id: str | None) -> None:
+    """A run whose workers died without closing it (killed, out of restarts) is FAILED."""
+    if run_id:
+        from mlflow import MlflowClient
+
+        from pipeline.tracking import resolve_uri
+
+        MlflowClient(resolve_uri(cfg.tracking.uri)).set_terminated(run_id, "FAILED")

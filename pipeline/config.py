@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0
     pretrained: str = ""  # exported weights (.safetensors) or a checkpoint whose encoder.* tensors are loaded
     pretrained_partial: bool = False  # allow missing / unexpected encoder keys (else an error naming them)
+    max_nonfinite_steps: int = 5  # steps in a row with a non-finite loss (skipped) before the run stops; 0 = never
     keep_checkpoints: int = 3  # the newest N complete checkpoints are kept (local and S3)
     output: str = "runs"  # local directory or s3:// prefix for checkpoints
     pictures: int = 2  # token-selection pictures per evaluation

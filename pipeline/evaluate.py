@@ -24,8 +24,15 @@ from .engine import all_reduce_sum
 from .measure import flop_counter
 
 
-def confusion(pred: torch.Tensor, label: torch.Tensor, classes: int, ignore: int = 255) -> torch.Tensor:
+def confusion(pred: torch.Tensor, label: torch.Tensor, classes: int, ignore: int = 255,
+              name: str = "?") -> torch.Tensor:
+    """classes x classes counts (rows: label, columns: prediction); a label value outside the
+    classes (other than ``ignore``) is an error naming the sample ``name``."""
     keep = label != ignore
+    bad = label[keep & ((label < 0) | (label >= classes))]
+    if bad.numel():
+        raise ValueError(f"sample {name}: label values {sorted(set(bad.tolist()))[:10]} are outside "
+                         f"the {classes} classes (model.num_classes) and not the ignore value {ignore}")
     idx = label[keep].long() * classes + pred[keep].long()
     return torch.bincount(idx, minlength=classes * classes).reshape(classes, classes)
 
@@ -171,7 +178,7 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
         tokens.append(out.tokens_per_stage)
         full = F.interpolate(probs.float(), size=label.shape, mode="bilinear", align_corners=False)
         pred = full.argmax(1)[0].cpu()
-        conf += confusion(pred, label, classes)
+        conf += confusion(pred, label, classes, name=sample.get("key", "?"))
         if not (cfg.sliding_window or cfg.multi_scale or cfg.flip):
             per_block = []
             for block, rec in enumerate(out.records):

@@ -29,7 +29,7 @@ from . import augment
 from .checkpoints import join, local_copy, model_state, tag_of
 from .config import Config
 from .data import EvalStream, load_manifest, shards_of, train_loader
-from .engine import build_engine, device_for_rank, input_dtype
+from .engine import all_reduce_sum, build_engine, device_for_rank, input_dtype
 from .optim import build_optimizer, set_lr
 from .tracking import Tracker, config_tracker
 
@@ -57,6 +57,36 @@ class TrainResult:
     last_checkpoint: str | None
     losses: list[float] = field(default_factory=list)
     eval: dict = field(default_factory=dict)
+
+
+def check_inputs(cfg: Config, pretrained: bool = True) -> None:
+    """Everything a run reads, checked before anything starts (a bad input must not become a
+    crash on every rank, repeated by every restart): the manifests, every shard they list,
+    their class count against ``model.num_classes``, and the pre-trained weights."""
+    from data_prep.storage import open_storage
+
+    if not cfg.data.train:
+        raise ValueError("data.train is not set: point it at the output of `dups prep`")
+    for root, split in ((cfg.data.train, "train"), (cfg.data.val or cfg.data.train, "val")):
+        manifest = load_manifest(root)
+        classes = manifest.get("num_classes", len(manifest.get("classes", [])))
+        if classes and classes != cfg.model.num_classes:
+            raise ValueError(f"{root}/manifest.json has {classes} classes but model.num_classes="
+                             f"{cfg.model.num_classes}")
+        names = set(open_storage(root).list())
+        wanted = [s["name"] for s in manifest["splits"].get(split, {}).get("shards", []) if s["samples"]]
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise FileNotFoundError(f"{root}: {len(missing)} shard(s) of the {split} split listed in "
+                                    f"manifest.json are missing: {', '.join(missing[:5])}")
+    if pretrained and cfg.train.pretrained:
+        from .checkpoints import find_checkpoint, local_file
+
+        if cfg.train.pretrained.endswith((".safetensors", ".pt")):
+            with local_file(cfg.train.pretrained):
+                pass
+        else:
+            find_checkpoint(cfg.train.pretrained)
 
 
 def build_model(cfg: Config):
@@ -112,6 +142,7 @@ class Trainer:
             self.policy = RatioPolicy.from_preset(cfg.upsampling.policy, cfg.upsampling.preset)
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + 1)  # per-rank randomness from here
         self.step, client = 0, {}
+        self.nonfinite, self.in_a_row = 0, 0  # steps skipped for a non-finite loss: all, and lately
         if hooks.resume_from:
             client = self._load(hooks.resume_from)
         self.manifest = load_manifest(cfg.data.train)
@@ -186,9 +217,22 @@ class Trainer:
             maps = {k: v.to(self.device) for k, v in batch["scores"].items()}
             terms = self.criterion(out.predictions, labels, out.records, score_maps=maps)
             loss = terms["loss"]
+        if all_reduce_sum((~torch.isfinite(loss.detach())).float()).item():
+            self.nonfinite += 1  # on any rank: no rank steps, so the weights stay finite and equal
+            return {"loss": float("nan"), "skipped": 1.0}
         self.engine.backward(loss)
         self.engine.step()
         return {k: float(v.detach()) for k, v in terms.items() if not k.startswith("aux")}
+
+    def _check_skipped(self, terms: dict) -> None:
+        """A step with a non-finite loss is skipped and counted; too many in a row stop the run."""
+        self.in_a_row = self.in_a_row + 1 if terms.get("skipped") else 0
+        limit = self.cfg.train.max_nonfinite_steps
+        if limit and self.in_a_row >= limit:
+            raise FloatingPointError(
+                f"the loss was not finite for {self.in_a_row} steps in a row (steps "
+                f"{self.step - self.in_a_row + 1} to {self.step}; train.max_nonfinite_steps={limit}): "
+                "the run stops. Lower the learning rate, or check the data and the checkpoint")
 
     def run(self) -> TrainResult:
         cfg = self.cfg
@@ -211,6 +255,7 @@ class Trainer:
                 terms = self.train_step(batch)
                 self.position.advance()
             self.step += 1
+            self._check_skipped(terms)
             result.losses.append(terms["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.3f}")
@@ -218,7 +263,8 @@ class Trainer:
                 elapsed = time.perf_counter() - tic
                 n = cfg.train.log_every if self.step % cfg.train.log_every == 0 else self.step % cfg.train.log_every
                 images = n * cfg.data.batch_size * cfg.engine.grad_accum * self.world
-                metrics = {f"train/{k}": v for k, v in terms.items()}
+                metrics = {f"train/{k}": v for k, v in terms.items() if k != "skipped" and v == v}
+                metrics["train/skipped_steps"] = self.nonfinite + getattr(self.engine, "skipped_steps", 0)
                 metrics.update({"train/lr": cfg.optim.lr * lr_factor, "train/images_per_s": images / elapsed,
                                 "train/step_time_s": elapsed / n, "train/data_wait_s": wait / n,
                                 "train/memory_gb": _memory_gb()})
@@ -231,10 +277,8 @@ class Trainer:
                 result.last_checkpoint = self.save()
         bar.close()
         result.steps = self.step
-        if self.step == total:
-            if self.pretrain and self.rank == 0:
-                self._export_final(result.last_checkpoint)
-            self.tracker.close()
+        if self.step == total and self.pretrain and self.rank == 0:
+            self._export_final(result.last_checkpoint)
         return result
 
     def _export_final(self, checkpoint: str) -> None:
@@ -313,10 +357,17 @@ class _ClassificationEval:
 
 
 def train(cfg: Config, hooks: RunHooks) -> TrainResult:
-    """Runs (or continues) training in the current process group."""
+    """Runs (or continues) training in the current process group. A run that raises is
+    marked FAILED in MLflow (a restart or resume sets it running again)."""
     trainer = Trainer(cfg, hooks)
     try:
-        return trainer.run()
+        result = trainer.run()
+    except BaseException:
+        for step, metrics in trainer.pending:  # what it measured before failing
+            trainer.tracker.metrics(metrics, step)
+        trainer.tracker.close("FAILED")
+        raise
     finally:
-        trainer.tracker.close()
         del trainer.engine
+    trainer.tracker.close("FINISHED" if result.steps == cfg.train.iters else "KILLED")
+    return result

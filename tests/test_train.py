@@ -1,5 +1,6 @@
 """Training end to end on CPU: DeepSpeed ZeRO under Ray Train and in plain process groups,
 exact resume, MLflow contents."""
+import math
 import multiprocessing as mp
 import time
 
@@ -116,3 +117,36 @@ def test_pretraining_on_imagenet_layout(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
     run = client.get_run(result.run_id)
     assert run.data.tags["task"] == "pretrain" and "val/top1" in run.data.metrics
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(shards, tmp_path, monkeypatch):
+    """A step whose loss is not finite is skipped (the weights stay finite) and counted in
+    train/skipped_steps; train.max_nonfinite_steps in a row stop the run, marked FAILED."""
+    from model.criterion import SegmentationCriterion
+
+    real = SegmentationCriterion.forward
+    bad_steps: set[int] = set()
+    calls = {"n": 0}
+    def sometimes_nan(self, *args, **kwargs):
+        calls["n"] += 1
+        terms = real(self, *args, **kwargs)
+        if calls["n"] in bad_steps:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+    monkeypatch.setattr(SegmentationCriterion, "forward", sometimes_nan)
+    common = ["train.iters=4", "train.checkpoint_every=4", "train.eval_every=100", "launch.launcher=local",
+              "train.max_nonfinite_steps=2"]
+    bad_steps.update({2})
+    result = train_local(th.test_config(shards, tmp_path / "a", *common))
+    assert result.steps == 4 and all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 1)
+    client, runs = mlflow_run(tmp_path / "a")
+    skipped = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "train/skipped_steps")}
+    assert skipped == {1: 0, 2: 1, 3: 1, 4: 1} and runs[0].info.status == "FINISHED"
+
+    calls["n"] = 0
+    bad_steps.update({3})  # steps 2 and 3 in a row
+    with pytest.raises(FloatingPointError, match=r"not finite for 2 steps in a row \(steps 2 to 3"):
+        train_local(th.test_config(shards, tmp_path / "b", *common))
+    client, runs = mlflow_run(tmp_path / "b")
+    assert runs[0].info.status == "FAILED"
+    assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")} == {1}
