@@ -182,3 +182,11 @@ def test_collectives_run_on_the_backends_device():
     finally:
         if ours:
             dist.destroy_process_group()
+
+
+def test_labels_outside_the_classes_are_an_error_naming_the_sample():
+    label = torch.tensor([[0, 1], [255, 7]])
+    pred = torch.zeros(2, 2, dtype=torch.long)
+    assert confusion(pred, label, 8).sum() == 3  # 255 is ignored
+    with pytest.raises(ValueError, match=r"sample ADE_val_1: label values \[7\] are outside the 4 classes"):
+        confusion(pred, label, 4, name="ADE_val_1")

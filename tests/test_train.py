@@ -150,3 +150,21 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(shards, tmp_path,
     client, runs = mlflow_run(tmp_path / "b")
     assert runs[0].info.status == "FAILED"
     assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")} == {1}
+
+
+def test_bad_inputs_are_found_before_anything_starts(shards, tmp_path):
+    import shutil
+
+    from pipeline.train import check_inputs
+
+    cfg = th.test_config(shards, tmp_path, "model.num_classes=19")
+    with pytest.raises(ValueError, match=r"manifest.json has 150 classes but model.num_classes=19"):
+        check_inputs(cfg)
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    victim = sorted(copy.glob("ade20k-train-*.tar"))[1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"1 shard\(s\) of the train split .* missing: {victim.name}"):
+        train_local(th.test_config(str(copy), tmp_path, "launch.launcher=local"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        check_inputs(th.test_config(shards, tmp_path, f"train.pretrained={tmp_path}/none.safetensors"))
