@@ -205,7 +205,7 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
 
         tracker = config_tracker(cfg)
         run_id = tracker.run_id
-        tracker.mlflow.end_run(status="RUNNING")
+        tracker.close("RUNNING")
     trainer = TorchTrainer(
         _ray_loop,
         train_loop_config={"overrides_flat": flat_overrides(cfg), "resume_from": resume_from,

@@ -170,9 +170,8 @@ def prepare(dataset: str, src: str, out: str, splits=("train", "val"),
             shard_bytes: int = DEFAULT_SHARD_BYTES, address: str | None = None,
             num_cpus: int | None = None, progress: bool = True, use_ray: bool = True) -> dict:
     """Runs the whole job and returns the manifest (also written to ``out/manifest.json``).
-    ``use_ray=False`` writes the shards one after another in this process (small sets)."""
-    import ray
-
+    ``use_ray=False`` writes the shards one after another in this process (small sets, and
+    machines without Ray)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     if not Path(src).is_dir():
@@ -183,6 +182,8 @@ def prepare(dataset: str, src: str, out: str, splits=("train", "val"),
     plans = [p for split, lst in listings.items()
              for p in plan_shards(dataset, split, lst.samples, shard_bytes)]
     started_ray = False
+    if use_ray:
+        import ray
     if use_ray and not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address=address, num_cpus=None if address else num_cpus,

@@ -71,3 +71,23 @@ def write_ade20k_layout(out: str | Path, train: int = 32, val: int = 8, size: tu
             Image.fromarray(image).save(out / "images" / split / f"{stem}.jpg", quality=92)
             Image.fromarray(label).save(out / "annotations" / split / f"{stem}.png")
     return out
+
+
+def write_imagenet_layout(out: str | Path, classes: int = 8, train_per_class: int = 32,
+                          val_per_class: int = 8, size: tuple[int, int] = (256, 320), seed: int = 0) -> Path:
+    """Writes ``out/train/<wnid>/*.JPEG`` and ``out/val/<wnid>/*.JPEG``: each class a colour
+    and texture of its own (learnable), for rehearsals of pre-training."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    colours, freqs = _palette(rng, classes)
+    yy, xx = np.mgrid[0:size[0], 0:size[1]]
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            wnid = f"n{c:08d}"
+            (out / split / wnid).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                texture = np.sin(xx * freqs[c, 0] + yy * freqs[c, 1] + rng.uniform(0, 6)) * 25
+                image = colours[c] + texture[..., None] + rng.normal(0, 10, size=(*size, 3))
+                Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+                    out / split / wnid / f"{wnid}_{split}_{i:05d}.JPEG", quality=90)
+    return out

@@ -100,7 +100,7 @@ class LaunchConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working dir
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working dir; "none": off
     experiment: str = "dups"
     run_name: str = ""
 

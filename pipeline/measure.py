@@ -43,6 +43,24 @@ def flop_counter():
         yield counter
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of the GPUs the project runs on.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def peak_tflops() -> float | None:
+    """This process's GPU's dense bf16 peak, if it is one we know (else None)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def kernel_flop_counter() -> FlopCounterMode:
+    """Counts the FLOPs of the kernels that actually run (no switch to padded values, so the
+    numbers computed are unchanged): what a training step costs on this device."""
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+
+
 def count_gmacs(fn, *args, **kwargs) -> tuple[float, object]:
     """Multiply-adds (in G) of one call of ``fn``, and its result."""
     with flop_counter() as counter:

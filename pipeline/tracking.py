@@ -35,7 +35,8 @@ DEFAULT_URI = "sqlite:///mlruns.db"
 
 
 def resolve_uri(uri: str = "") -> str:
-    """The config's URI if set, else MLFLOW_TRACKING_URI, else a sqlite store in the cwd."""
+    """The config's URI if set, else MLFLOW_TRACKING_URI, else a sqlite store in the cwd;
+    ``none`` turns tracking off (a machine without MLflow)."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
@@ -52,10 +53,10 @@ class Tracker:
 
     def __init__(self, active: bool, uri: str = "", experiment: str = "dups", run_name: str = "",
                  run_id: str | None = None, params: dict | None = None, tags: dict | None = None):
-        self.active = active
+        self.active = active and resolve_uri(uri) != "none"
         self.run_id = run_id
         self.logged_until = -1  # steps up to here are in the run already (a restart replays them)
-        if not active:
+        if not self.active:
             return
         import mlflow
 

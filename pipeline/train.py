@@ -29,6 +29,7 @@ from . import augment
 from .checkpoints import join, local_copy, model_state, tag_of
 from .config import Config
 from .data import EvalStream, load_manifest, shards_of, train_loader
+from .measure import kernel_flop_counter, peak_tflops
 from .engine import all_reduce_sum, build_engine, device_for_rank, input_dtype
 from .optim import build_optimizer, set_lr
 from .tracking import Tracker, config_tracker
@@ -57,6 +58,7 @@ class TrainResult:
     last_checkpoint: str | None
     losses: list[float] = field(default_factory=list)
     eval: dict = field(default_factory=dict)
+    logged: list[tuple[int, dict]] = field(default_factory=list)  # (step, train/* metrics) as logged
 
 
 def check_inputs(cfg: Config, pretrained: bool = True) -> None:
@@ -142,7 +144,8 @@ class Trainer:
             self.policy = RatioPolicy.from_preset(cfg.upsampling.policy, cfg.upsampling.preset)
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + 1)  # per-rank randomness from here
         self.step, client = 0, {}
-        self.nonfinite, self.in_a_row = 0, 0  # steps skipped for a non-finite loss: all, and lately
+        self.nonfinite, self.in_a_row = 0, 0
+        self.step_flops: int | None = None  # steps skipped for a non-finite loss: all, and lately
         if hooks.resume_from:
             client = self._load(hooks.resume_from)
         self.manifest = load_manifest(cfg.data.train)
@@ -252,7 +255,12 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - t0
-                terms = self.train_step(batch)
+                if self.step_flops is None:  # counted once: the model's FLOPs of a training step
+                    with kernel_flop_counter() as counter:
+                        terms = self.train_step(batch)
+                    self.step_flops = counter.get_total_flops() * cfg.engine.grad_accum
+                else:
+                    terms = self.train_step(batch)
                 self.position.advance()
             self.step += 1
             self._check_skipped(terms)
@@ -268,7 +276,11 @@ class Trainer:
                 metrics.update({"train/lr": cfg.optim.lr * lr_factor, "train/images_per_s": images / elapsed,
                                 "train/step_time_s": elapsed / n, "train/data_wait_s": wait / n,
                                 "train/memory_gb": _memory_gb()})
+                metrics.update(_utilisation(self.step_flops, elapsed / n, self.world, self.dtype))
                 self.pending.append((self.step, metrics))
+                result.logged.append((self.step, metrics))
+                if self.rank == 0:
+                    log.info("step %d: %s", self.step, ", ".join(f"{k[6:]} {v:.4g}" for k, v in metrics.items()))
                 tic, wait = time.perf_counter(), 0.0
             if self.step % cfg.train.eval_every == 0 or self.step == total:
                 result.eval = self.evaluate()
@@ -312,6 +324,17 @@ class Trainer:
             self.tracker.pictures(res.pictures, [f"tokens_step{self.step:08d}_{i}" for i in range(len(res.pictures))])
             self.tracker.text(res.table(manifest.get("classes", [])), f"eval/step{self.step:08d}.txt")
         return res.metrics()
+
+
+def _utilisation(step_flops: int, step_time: float, world: int, dtype: torch.dtype) -> dict[str, float]:
+    """Achieved TFLOP/s of the whole run (counted FLOPs of the first step, forward and
+    backward, as ``torch.utils.flop_counter`` counts them: 2 per multiply-add) and, on a GPU
+    whose dense bf16 peak is known, model FLOPs utilisation."""
+    out = {"train/tflops_per_s": step_flops * world / step_time / 1e12}
+    peak = peak_tflops() if dtype == torch.bfloat16 else None
+    if peak:
+        out["train/mfu"] = out["train/tflops_per_s"] / world / peak
+    return out
 
 
 def _memory_gb() -> float:
