@@ -7,14 +7,17 @@ the workers, which find that checkpoint with ``ray.train.get_checkpoint()``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from data_prep.storage import open_storage
 from pipeline.checkpoints import find_checkpoint, join, mark_complete, prune, publish, tag_of
 from pipeline.config import Config
+from pipeline.data import ShardError
 from pipeline.train import RunHooks, check_inputs
 
 log = logging.getLogger("dups.launch")
@@ -126,10 +129,14 @@ def ray_storage(cfg: Config) -> str:
     return f"{out.rstrip('/')}/ray" if out.startswith("s3://") else str(Path(out).resolve() / "ray")
 
 
+FATAL = "fatal.json"  # in the run's Ray storage: a bad input that restarts cannot get past
+
+
 def _ray_loop(config: dict) -> None:
     """Runs inside every Ray Train worker. Each rank writes its part of a checkpoint into its
     own temporary folder and reports it; Ray merges the parts in its storage under the step's
-    name; rank 0 then marks the folder complete and every rank removes its temporary copy."""
+    name; rank 0 then marks the folder complete and every rank removes its temporary copy. A
+    damaged shard stops the run: Ray's restarts end at once instead of training up to it again."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -159,9 +166,15 @@ def _ray_loop(config: dict) -> None:
         shutil.rmtree(folder.parent, ignore_errors=True)
         return dest
 
+    storage = open_storage(run)
+    if storage.exists(FATAL):  # a restart would only meet the same bad input again
+        raise ShardError(f"not restarted: {json.loads(storage.get_bytes(FATAL))['error']}")
     try:
         train(cfg, RunHooks(stage_dir, publish_hook, resume_from, config.get("stop_after"),
                             config.get("run_id")))
+    except ShardError as err:  # (from a DataLoader worker: its message ends with the original's)
+        storage.put_bytes(FATAL, json.dumps({"error": str(err).strip().splitlines()[-1]}).encode())
+        raise
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
@@ -189,16 +202,24 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = pinned(cfg)
+    check_inputs(cfg, pretrained=resume is None)
+    resume_from = resume_point(cfg, resume)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=cfg.launch.address or None, include_dashboard=False, log_to_driver=True)
-    use_gpu = wants_gpus(cfg, ray.cluster_resources(), joined=bool(cfg.launch.address or os.environ.get("RAY_ADDRESS")))
+    try:
+        use_gpu = wants_gpus(cfg, ray.cluster_resources(),
+                             joined=bool(cfg.launch.address or os.environ.get("RAY_ADDRESS")))
+    except ValueError:
+        if started:
+            ray.shutdown()
+        raise
     env = {k: v for k, v in os.environ.items()
            if k.startswith(("AWS_", "MLFLOW_")) or k in ("OMP_NUM_THREADS",)}
     env.setdefault("OMP_NUM_THREADS", str(cfg.launch.cpus_per_worker))
-    check_inputs(cfg, pretrained=resume is None)
-    resume_from = resume_point(cfg, resume)
     storage = storage or ray_storage(cfg)
+    open_storage(join(storage, cfg.name)).delete(FATAL)  # a new launch: the inputs may be fixed
     run_id = None
     if resume_from is None:  # a fresh run: its MLflow run exists before any worker starts
         from pipeline.tracking import config_tracker

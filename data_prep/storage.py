@@ -66,6 +66,9 @@ class LocalStorage:
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.root / name, local)
 
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
     def delete_prefix(self, prefix: str) -> None:
         """Removes a folder (or file) and everything in it."""
         target = self.root / prefix
@@ -141,6 +144,9 @@ class S3Storage:
     def get_file(self, name: str, local: str | Path) -> None:
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         self.client.download_file(self.bucket, self._key(name), str(local))
+
+    def delete(self, name: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
 
     def delete_prefix(self, prefix: str) -> None:
         """Removes every object under ``prefix``."""

@@ -31,6 +31,10 @@ from data_prep.storage import S3Storage, open_storage
 MANIFEST = "manifest.json"
 
 
+class ShardError(ValueError):
+    """A shard that cannot be read as its manifest says: reading it again fails again."""
+
+
 @dataclass(frozen=True)
 class Shard:
     url: str
@@ -78,7 +82,7 @@ def read_shard(url: str) -> Iterator[dict]:
             last = sample["__key__"]
             yield sample
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        raise ValueError(f"shard {url} is damaged after sample {last!r} "
+        raise ShardError(f"shard {url} is damaged after sample {last!r} "
                          f"({type(err).__name__}: {err}): run `dups prep` again") from err
     finally:
         stream.close()
@@ -99,7 +103,7 @@ def read_samples(shard: Shard, first: int, stop: int) -> Iterator[dict]:
     finally:
         samples.close()
     if n + 1 < stop:
-        raise ValueError(f"shard {shard.url} ended after {n + 1} samples; its manifest says "
+        raise ShardError(f"shard {shard.url} ended after {n + 1} samples; its manifest says "
                          f"{shard.samples} (truncated or replaced: run `dups prep` again)")
 
 

@@ -235,7 +235,9 @@ def _selection_summary(selection: list) -> dict[str, list[float]]:
 
 @torch.no_grad()
 def evaluate_classification(model, samples, device, dtype=torch.float32, batch: int = 32) -> dict:
-    """Top-1 / top-5 accuracy (in percent) over this rank's samples, summed across ranks."""
+    """Top-1 / top-5 accuracy (in percent) over this rank's samples, summed across ranks.
+    The random token selection draws from its own seeded generator state: the same weights
+    always give the same accuracy, and training's random state is left as it was."""
     from model.ratios import RatioPolicy
 
     model.eval()
@@ -250,12 +252,14 @@ def evaluate_classification(model, samples, device, dtype=torch.float32, batch: 
         counts[1] += float((top == labels[:, None]).any(1).sum())
         counts[2] += len(buf)
         buf.clear()
-    for s in samples:
-        buf.append(s)
-        if len(buf) == batch:
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(0)
+        for s in samples:
+            buf.append(s)
+            if len(buf) == batch:
+                flush()
+        if buf:
             flush()
-    if buf:
-        flush()
     counts = all_reduce_sum(counts)
     model.train()
     n = max(counts[2].item(), 1)

@@ -155,6 +155,8 @@ class Trainer:
             run_id = tracker.run_id
         self.run_id = _broadcast(run_id)
         self.tracker = tracker if self.rank == 0 else Tracker(False, run_id=self.run_id)
+        if hooks.resume_from:  # a restart after a failure, or a resumed run: where it went on from
+            self.tracker.tag("resumed_from", f"{hooks.resume_from} at step {self.step}")
         self.pending: list[tuple[int, dict]] = []
         self.oracle_gen = torch.Generator().manual_seed(cfg.train.seed + self.step)
         transform = self._train_transform()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from mlflow import MlflowClient
 
 import prep_fixtures as fx
@@ -29,7 +30,7 @@ def kill_a_worker_after_first_checkpoint(storage: Path, finished_marker: str, re
     for proc in psutil.process_iter(["pid", "cmdline"]):
         if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
             record["killed"] = proc.info["pid"]
-            record["final_existed"] = any((p / finished_marker).exists() for p in storage.glob("step*"))
+            record["final_existed"] = (storage / finished_marker).exists()
             os.kill(proc.info["pid"], signal.SIGKILL)
             return
 
@@ -62,6 +63,9 @@ def test_killed_training_worker_restarts_from_the_last_checkpoint(tmp_path, monk
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, iters + 1)), "every step logged exactly once"
     assert runs[0].data.tags["last_checkpoint"].endswith(f"step{iters:08d}")
+    # the restart went on from a checkpoint, not from step 0 (MLflow would hide replayed steps)
+    resumed = int(runs[0].data.tags["resumed_from"].rsplit(" ", 1)[1])
+    assert 4 <= resumed < iters and resumed % 4 == 0, runs[0].data.tags["resumed_from"]
 
 
 def test_killed_prep_job_reruns_to_identical_shards(tmp_path):
@@ -90,3 +94,32 @@ def test_killed_prep_job_reruns_to_identical_shards(tmp_path):
     for split in again["splits"].values():
         for shard in split["shards"]:
             assert (out / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
+
+
+def test_a_damaged_shard_stops_the_run_instead_of_restarting_into_it(tmp_path, monkeypatch):
+    import ray
+    from ray.train import TrainingFailedError
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    shards = Path(th.make_dataset(tmp_path / "data"))
+    for victim in sorted(shards.glob("ade20k-train-*.tar")):  # the manifest still counts them whole
+        victim.write_bytes(victim.read_bytes()[:3000])
+    cfg = th.test_config(str(shards), tmp_path, "train.iters=6", "train.checkpoint_every=3",
+                         "launch.workers=2", "launch.max_failures=2")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        start = time.monotonic()
+        with pytest.raises(TrainingFailedError) as failure:
+            result = train_ray(cfg)
+            if result.error is not None:
+                raise result.error
+        assert time.monotonic() - start < 240
+    finally:
+        ray.shutdown()
+    errors = [str(e) for e in failure.value.worker_failures.values()]
+    assert errors and all("not restarted: pipeline.data.ShardError: shard " in e and "is damaged" in e
+                          for e in errors), errors
+    assert (Path(ray_storage(cfg)) / cfg.name / "fatal.json").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("dups-demo").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
