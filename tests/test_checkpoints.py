@@ -159,3 +159,35 @@ def test_finetuning_configs_look_where_pretraining_exports(size):
     for dataset in ("ade20k", "cocostuff", "cityscapes"):
         fine = load_config(f"finetune_{dataset}_{size}", [])
         assert fine.train.pretrained == exported and fine.model.name == pre.model.name
+
+
+def test_ray_run_on_s3_publishes_complete_checkpoints_and_resumes(shards, tmp_path, s3_server, monkeypatch):
+    """Two Ray Train workers with train.output on S3: every rank's part lands in one step folder
+    marked complete, the newest N are kept, and --resume from the bucket continues the run."""
+    import ray
+
+    from cluster.launch import train_ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    boto3.client("s3").create_bucket(Bucket="runs")
+    common = ["train.iters=3", "train.checkpoint_every=1", "train.eval_every=100", "launch.workers=2",
+              "train.output=s3://runs/out", "train.keep_checkpoints=2"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first = train_ray(th.test_config(shards, tmp_path, *common), stop_after=2)
+        assert first.error is None
+        names = s3_names("runs", "out/ray/demo/")
+        assert {f"out/ray/demo/step00000002/{f}" for f in (COMPLETE, "rng_rank0.pt", "rng_rank1.pt")} <= set(names)
+        assert find_checkpoint("s3://runs/out", "demo").step == 2
+        second = train_ray(th.test_config(shards, tmp_path, *common), resume="s3://runs/out")
+        assert second.error is None
+    finally:
+        ray.shutdown()
+    steps = sorted({n.split("/")[3] for n in s3_names("runs", "out/ray/demo/step")})
+    assert steps == ["step00000002", "step00000003"], steps
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("dups-demo").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["resumed_from"].endswith("at step 2")
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) == [1, 2, 3]
