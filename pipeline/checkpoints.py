@@ -152,10 +152,6 @@ def prune(run: str, keep: int) -> list[str]:
     return doomed
 
 
-def _load_weights_only(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """The model's fp32 weights in a local checkpoint folder: ZeRO's fp32 master copies
     (consolidated with DeepSpeed's own tool) when there are any, else the module's tensors."""
@@ -181,7 +177,7 @@ def model_state(path: str, name: str | None = None) -> tuple[dict[str, torch.Ten
             return load_file(str(local)), path
     if path.endswith(".pt"):
         with local_file(path) as local:
-            state = _load_weights_only(local)
+            state = torch.load(local, map_location="cpu", weights_only=True)
         return state.get("module", state), path
     ref = find_checkpoint(path, name)
     with local_copy(ref) as folder:
