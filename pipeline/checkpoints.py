@@ -14,6 +14,7 @@ Where they live: ``<train.output>/<name>/checkpoints/`` (``launch.launcher=local
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -158,7 +159,8 @@ def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if list(folder.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), folder.name)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints, not ours to show
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), folder.name)
     else:
         files = sorted(folder.glob("*model_states.pt"))
         if not files:

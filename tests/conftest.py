@@ -22,4 +22,7 @@ def s3_server(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     yield f"http://{host}:{port}"
+    import urllib.request  # the servers of one process share moto's state: start the next one empty
+
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"), timeout=10)
     server.stop()

@@ -2,6 +2,7 @@
 ``train.output``, resumed, evaluated and exported from S3, pruned; pre-training handed to
 fine-tuning through exported safetensors."""
 import os
+import tempfile
 
 import boto3
 import pytest
@@ -116,16 +117,18 @@ def test_pretraining_on_two_ray_workers_hands_its_weights_to_finetuning(tmp_path
         "data.image_size=64", "data.batch_size=1", "data.workers=0", "data.shuffle_buffer=2",
         "train.iters=2", "train.eval_every=100", "train.checkpoint_every=2", "launch.workers=2",
         "launch.use_gpu=false", "launch.cpus_per_worker=1", "engine.precision=fp32", "optim.warmup_iters=1"])
+    staged_before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("dups-stage-")}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         result = train_ray(cfg)
     finally:
         ray.shutdown()
     assert result.error is None
+    staged = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("dups-stage-")}
+    assert not staged - staged_before  # every rank removed its temporary copy
     weights = tmp_path / "runs" / "pretrain_imagenet_tiny" / "pretrain_imagenet_tiny.safetensors"
     exported = load_file(str(weights))
     assert (tmp_path / "runs" / "ray" / "pretrain_imagenet_tiny" / "step00000002" / COMPLETE).is_file()
-    assert not [p for p in os.listdir("/tmp") if p.startswith("dups-stage-")]  # no per-rank copies left
 
     finetune = ["launch.launcher=local", f"train.pretrained={weights}"]
     init_single_process()
