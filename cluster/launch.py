@@ -7,6 +7,7 @@ the workers, which find that checkpoint with ``ray.train.get_checkpoint()``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -153,8 +154,14 @@ def _ray_loop(config: dict) -> None:
         ctx = checkpoint.as_directory()
         resume_from = ctx.__enter__()
 
+    # one folder per run and rank, emptied first: a restarted worker clears what a killed one left
+    stage = Path(tempfile.gettempdir()) / (f"dups-stage-{cfg.name}-{hashlib.sha1(run.encode()).hexdigest()[:8]}"
+                                           f"-rank{ray.train.get_context().get_world_rank()}")
+
     def stage_dir(step: int) -> str:
-        return tempfile.mkdtemp(prefix=f"dups-stage-{step}-")
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        return str(stage)
 
     def publish_hook(step: int, folder: Path) -> str:
         ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(str(folder)),
