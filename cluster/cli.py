@@ -78,9 +78,10 @@ def _train(args: argparse.Namespace) -> int:
 
         result = train_ray(cfg, resume=resume)
         print(f"trained {cfg.name} on Ray: checkpoint {result.checkpoint}")
+    from pipeline.credentials import redact
     from pipeline.tracking import resolve_uri
 
-    print(f"open the MLflow UI: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)}")
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {redact(resolve_uri(cfg.tracking.uri))}")
     return 0
 
 
@@ -117,7 +118,8 @@ def _submit(args: argparse.Namespace) -> int:
     from cluster.submit import submit
 
     command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
-    submit(command, args.address, args.follow, args.working_dir, args.pip)
+    submit(command, args.address, args.follow, args.working_dir, args.pip,
+           forward_credentials=args.forward_credentials)
     return 0
 
 
@@ -196,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     p.add_argument("--working-dir", default=".", help="shipped to the cluster as the job's code")
     p.add_argument("--pip", nargs="*", default=None, help="extra packages for the job's environment")
+    p.add_argument("--forward-credentials", action="store_true",
+                   help="also pass AWS keys/tokens and MLflow passwords to the job (Ray's job API shows "
+                   "them to anyone who reaches the dashboard; default: the cluster's instance role)")
     p.add_argument("command_line", nargs=argparse.REMAINDER, help="-- then the dups command")
     p.set_defaults(func=_submit)
 

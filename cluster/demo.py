@@ -22,6 +22,7 @@ def run_demo(out: str = "demo_run", iters: int = 300, train_images: int = 48, va
     from data_prep.synth import write_ade20k_layout
     from pipeline.config import load_config
     from pipeline.evaluate_cli import run_eval
+    from pipeline.credentials import redact
     from pipeline.tracking import resolve_uri
 
     from .launch import train_ray
@@ -69,6 +70,6 @@ def run_demo(out: str = "demo_run", iters: int = 300, train_images: int = 48, va
     if dynamic.split_ratio:
         print(dynamic.selection_line())
     print(f"finished in {summary['seconds'] / 60:.1f} min; checkpoint {checkpoint}")
-    print(f"open the MLflow UI: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)} "
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {redact(resolve_uri(cfg.tracking.uri))} "
           f"--host 127.0.0.1  (token-selection pictures are in each run's artifacts/pictures)")
     return summary

@@ -18,6 +18,7 @@ from pathlib import Path
 from data_prep.storage import open_storage
 from pipeline.checkpoints import find_checkpoint, join, mark_complete, prune, publish, tag_of
 from pipeline.config import Config
+from pipeline.credentials import forwarded_env
 from pipeline.data import ShardError
 from pipeline.train import RunHooks, check_inputs
 
@@ -222,9 +223,8 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
         if started:
             ray.shutdown()
         raise
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith(("AWS_", "MLFLOW_")) or k in ("OMP_NUM_THREADS",)}
-    env.setdefault("OMP_NUM_THREADS", str(cfg.launch.cpus_per_worker))
+    env = forwarded_env(cfg.launch.forward_credentials)  # Ray's API shows a runtime env to all
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(cfg.launch.cpus_per_worker))
     storage = storage or ray_storage(cfg)
     open_storage(join(storage, cfg.name)).delete(FATAL)  # a new launch: the inputs may be fixed
     run_id = None
@@ -262,6 +262,6 @@ def _mark_failed(cfg: Config, run_id: str | None) -> None:
     if run_id:
         from mlflow import MlflowClient
 
-        from pipeline.tracking import resolve_uri
+        from pipeline.tracking import client_uri
 
-        MlflowClient(resolve_uri(cfg.tracking.uri)).set_terminated(run_id, "FAILED")
+        MlflowClient(client_uri(cfg.tracking.uri)).set_terminated(run_id, "FAILED")

@@ -2,7 +2,7 @@
 
 The working directory travels as the job's runtime env (so the cluster runs this checkout's
 code); S3 and MLflow settings travel as environment variables, named in the output but never
-printed with their values.
+printed with their values; credentials only with ``--forward-credentials``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import os
 import shlex
 import sys
 
-PASS_THROUGH_PREFIXES = ("AWS_", "MLFLOW_")
 EXCLUDES = [".git", ".venv", "demo_run", "runs", "mlruns", "mlruns.db", "*.tar", "__pycache__",
             ".pytest_cache", "*.egg-info"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -23,15 +22,17 @@ def client(address: str | None):
     return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)
 
 
-def passed_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(PASS_THROUGH_PREFIXES)}
-
-
 def submit(command: list[str], address: str | None = None, follow: bool = False,
-           working_dir: str = ".", pip: list[str] | None = None, out=sys.stdout) -> str:
+           working_dir: str = ".", pip: list[str] | None = None, out=sys.stdout,
+           forward_credentials: bool = False) -> str:
+    """``forward_credentials``: also pass AWS keys / tokens and MLflow passwords in the job's
+    runtime env (which Ray's job API shows to anyone who reaches it); by default the cluster's
+    instance role serves S3 and only settings travel."""
+    from pipeline.credentials import forwarded_env
+
     if not command:
         raise ValueError("nothing to submit: give a dups command after --, e.g. dups submit -- train demo")
-    env = passed_env()
+    env = forwarded_env(forward_credentials)
     runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env}
     if pip:
         runtime_env["pip"] = pip

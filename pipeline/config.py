@@ -96,6 +96,7 @@ class LaunchConfig:
     cpus_per_worker: int = 1
     address: str = ""  # Ray address; "" = local Ray
     max_failures: int = 3  # restarts from the last checkpoint
+    forward_credentials: bool = False  # pass AWS keys / MLflow passwords to the workers (default: instance role)
 
 
 @dataclass

@@ -8,6 +8,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from .credentials import redact, split_userinfo
+
 SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
 
 
@@ -18,7 +20,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
-            out[key] = str(list(v) if isinstance(v, tuple) else v)[:6000]
+            out[key] = redact(str(list(v) if isinstance(v, tuple) else v))[:6000]
     return {k: v for k, v in out.items() if not any(w in k.lower() for w in SECRET_WORDS)}
 
 
@@ -38,6 +40,16 @@ def resolve_uri(uri: str = "") -> str:
     """The config's URI if set, else MLFLOW_TRACKING_URI, else a sqlite store in the cwd;
     ``none`` turns tracking off (a machine without MLflow)."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def client_uri(uri: str = "") -> str:
+    """The store's URI for MLflow's client. A ``user:password@`` in it moves to MLflow's own
+    basic-auth variables, so MLflow never prints it (its "View run at" lines echo the URI)."""
+    uri, user, password = split_userinfo(resolve_uri(uri))
+    if password:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    return uri
 
 
 def config_tracker(cfg, run_id: str | None = None, run_name: str = "", tags: dict | None = None) -> "Tracker":
@@ -61,7 +73,7 @@ class Tracker:
         import mlflow
 
         self.mlflow = mlflow
-        uri = resolve_uri(uri)
+        uri = client_uri(uri)
         mlflow.set_tracking_uri(uri)
         if run_id:
             mlflow.start_run(run_id=run_id)

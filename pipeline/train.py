@@ -28,9 +28,10 @@ from model.segmentor import build_segmentor, oracle_maps
 from . import augment
 from .checkpoints import join, local_copy, model_state, tag_of
 from .config import Config
+from .credentials import redact_tree
 from .data import EvalStream, load_manifest, shards_of, train_loader
-from .measure import kernel_flop_counter, peak_tflops
 from .engine import all_reduce_sum, build_engine, device_for_rank, input_dtype
+from .measure import kernel_flop_counter, peak_tflops
 from .optim import build_optimizer, set_lr
 from .tracking import Tracker, config_tracker
 
@@ -191,12 +192,13 @@ class Trainer:
         """Every part of the checkpoint (model, optimizer, RNG, data position, run id, config)
         is written on every rank before the launcher publishes it."""
         stage, tag = Path(self.hooks.stage_dir(self.step)), tag_of(self.step)
+        config = redact_tree(self.cfg.to_dict())  # no tracking password in a checkpoint
         client = {"step": self.step, "data": self.position.state_dict(), "mlflow_run_id": self.run_id,
-                  "config": self.cfg.to_dict()}
+                  "config": config}
         self.engine.save_checkpoint(str(stage), tag=tag, client_state=client, save_latest=False)
         torch.save(_rng_state(), stage / tag / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
-            (stage / tag / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            (stage / tag / "config.json").write_text(json.dumps(config, indent=1))
         dist.barrier()
         where = self.hooks.publish(self.step, stage / tag)
         for step, metrics in self.pending:  # flushed only now: see the module docstring

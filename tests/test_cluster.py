@@ -126,7 +126,7 @@ def test_submit_follow_list_logs_stop(ray_head, monkeypatch):
                  address=ray_head, follow=True, out=out)
     text = out.getvalue()
     assert f"submitted {job}" in text and '"tokens_per_stage"' in text and "SUCCEEDED" in text
-    assert "AWS_SECRET_ACCESS_KEY" in text and "do-not-print-me" not in text
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "do-not-print-me" not in text  # not sent by default
     c = client(ray_head)
     long_job = submit(["synth", "--out", "/tmp/dups-stop-test", "--train", "100000"], address=ray_head, out=io.StringIO())
     assert wait_status(c, long_job, {"RUNNING"}, 60) == "RUNNING"
