@@ -212,13 +212,14 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     cfg = pinned(cfg)
     check_inputs(cfg, pretrained=resume is None)
     resume_from = resume_point(cfg, resume)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    joined = bool(cfg.launch.address or os.environ.get("RAY_ADDRESS"))
     started = not ray.is_initialized()
     if started:
+        if not joined:  # a Ray of our own, without a dashboard: the only case without token auth
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address=cfg.launch.address or None, include_dashboard=False, log_to_driver=True)
     try:
-        use_gpu = wants_gpus(cfg, ray.cluster_resources(),
-                             joined=bool(cfg.launch.address or os.environ.get("RAY_ADDRESS")))
+        use_gpu = wants_gpus(cfg, ray.cluster_resources(), joined)
     except ValueError:
         if started:
             ray.shutdown()

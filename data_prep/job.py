@@ -185,7 +185,8 @@ def prepare(dataset: str, src: str, out: str, splits=("train", "val"),
     if use_ray:
         import ray
     if use_ray and not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if not (address or os.environ.get("RAY_ADDRESS")):  # a Ray of our own, without a dashboard:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the only case without token auth
         ray.init(address=address, num_cpus=None if address else num_cpus,
                  include_dashboard=False, log_to_driver=False)
         started_ray = True

@@ -37,6 +37,30 @@ def test_cluster_yaml_passes_rays_validation(path):
         validate_config(prepare_config(broken))
 
 
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_cluster_yaml_is_safe_and_installs_what_the_project_accepts(path):
+    """The job API stays on the head's loopback; the setup installs a torch in the project's
+    range; only the code is synced; the head may run the autoscaler; multi-node NCCL is placed."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    raw = yaml.safe_load(path.read_text())
+    head = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in path.read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_range = next(Requirement(d).specifier for d in project if Requirement(d).name == "torch")
+    installs = [re.search(r'pip install "(torch[^"]*)"', c) for c in raw["setup_commands"]]
+    wanted = [Requirement(m.group(1)).specifier for m in installs if m]
+    assert wanted == [torch_range]
+    assert {".venv", ".git", "demo_run", "runs", "mlruns.db", "*.tar"} <= set(raw["rsync_exclude"])
+    assert "ec2:RunInstances" in path.read_text() and "iam:PassRole" in path.read_text()
+    worker = raw["available_node_types"]["gpu_worker"]
+    if worker["min_workers"] > 1:  # NCCL across nodes
+        assert worker["node_config"]["Placement"]["GroupName"]
+
+
 @pytest.mark.parametrize("name,gpus,global_batch", [
     ("pretrain_imagenet_tiny", 16, 1024), ("pretrain_imagenet_base", 16, 1024),
     ("finetune_ade20k_tiny", 4, 32), ("finetune_cocostuff_small", 4, 32),
