@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -153,33 +154,65 @@ def prune(run: str, keep: int) -> list[str]:
     return doomed
 
 
+class UnsafeFileError(ValueError):
+    """A file that would run code when loaded (a pickle that is not weights only)."""
+
+
+@contextlib.contextmanager
+def weights_only_loads(path) -> Iterator[None]:
+    """Every ``torch.load`` inside reads weights only: tensors, plain containers and the few
+    plain DeepSpeed types its checkpoints hold (DeepSpeed's consolidation asks for full
+    pickle loading, which would run any code a foreign checkpoint carries)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    real = torch.load
+
+    def load(*args, **kwargs):
+        return real(*args, **{**kwargs, "weights_only": True})
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    except pickle.UnpicklingError as err:
+        why = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), str(err))
+        raise UnsafeFileError(f"{path}: refused, not a weights-only file (loading it would run code "
+                              f"it carries): {why[:200]}") from err
+    finally:
+        torch.load = real
+
+
 def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """The model's fp32 weights in a local checkpoint folder: ZeRO's fp32 master copies
     (consolidated with DeepSpeed's own tool) when there are any, else the module's tensors."""
-    if list(folder.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with weights_only_loads(folder):
+        if list(folder.glob("*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints, not ours to show
-            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), folder.name)
-    else:
-        files = sorted(folder.glob("*model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no DeepSpeed model states in this checkpoint")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress prints, not ours to show
+                state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), folder.name)
+        else:
+            files = sorted(folder.glob("*model_states.pt"))
+            if not files:
+                raise FileNotFoundError(f"{folder}: no DeepSpeed model states in this checkpoint")
+            state = torch.load(files[0], map_location="cpu")["module"]
     return {k: v.float() for k, v in state.items()}
 
 
 def model_state(path: str, name: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """(fp32 state dict, where it came from) of exported weights (``.safetensors``), a
-    weights-only ``.pt`` file, or the newest complete checkpoint in a folder (local or S3)."""
+    weights-only ``.pt`` file, or the newest complete checkpoint in a folder (local or S3).
+    Nothing is unpickled beyond tensors and plain data."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         with local_file(path) as local:
             return load_file(str(local)), path
     if path.endswith(".pt"):
-        with local_file(path) as local:
-            state = torch.load(local, map_location="cpu", weights_only=True)
+        with local_file(path) as local, weights_only_loads(path):
+            state = torch.load(local, map_location="cpu")
         return state.get("module", state), path
     ref = find_checkpoint(path, name)
     with local_copy(ref) as folder:

@@ -194,3 +194,32 @@ def test_ray_run_on_s3_publishes_complete_checkpoints_and_resumes(shards, tmp_pa
     runs = client.search_runs([client.get_experiment_by_name("dups-demo").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["resumed_from"].endswith("at step 2")
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) == [1, 2, 3]
+
+
+class _Payload:
+    """Pickles as a call of os.system: what a booby-trapped checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_file_that_would_run_code_is_refused(tmp_path):
+    from pipeline.checkpoints import UnsafeFileError
+
+    marker = tmp_path / "code-ran"
+    evil = {"module": {"encoder.stem.weight": torch.zeros(1)}, "extra": _Payload(marker)}
+    torch.save(evil, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeFileError, match=r"evil\.pt: refused, not a weights-only file .*GLOBAL"):
+        model_state(str(tmp_path / "evil.pt"))
+    folder = tmp_path / "run" / "step00000001"  # the same payload inside a checkpoint folder
+    folder.mkdir(parents=True)
+    torch.save(evil, folder / "mp_rank_00_model_states.pt")
+    (folder / COMPLETE).write_text("{}")
+    with pytest.raises(UnsafeFileError, match="step00000001: refused"):
+        model_state(str(tmp_path / "run"))
+    assert not marker.exists()
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the payload is real: full unpickling runs it
+    assert marker.exists()
