@@ -19,20 +19,20 @@ def run_demo(out: str = "demo_run", iters: int = 300, train_images: int = 48, va
     import ray
 
     from data_prep.job import prepare
+    from data_prep.local_ray import init_ray
     from data_prep.synth import write_ade20k_layout
     from pipeline.config import load_config
-    from pipeline.evaluate_cli import run_eval
     from pipeline.credentials import redact
+    from pipeline.evaluate_cli import run_eval
     from pipeline.tracking import resolve_uri
 
     from .launch import train_ray
 
     start = time.perf_counter()
     root = Path(out).resolve()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     print(f"[1/4] synthetic scenes -> {root / 'src'}", flush=True)
     write_ade20k_layout(root / "src", train_images, val_images, size=(128, 160))
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=workers, log_to_driver=False)
     try:
         print("[2/4] prep: WebDataset shards with edge-score maps (Ray job)", flush=True)
         manifest = prepare("ade20k", str(root / "src"), str(root / "shards"), shard_bytes=400_000,

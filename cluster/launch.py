@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from data_prep.local_ray import init_ray
 from data_prep.storage import open_storage
 from pipeline.checkpoints import find_checkpoint, join, mark_complete, prune, publish, tag_of
 from pipeline.config import Config
@@ -215,9 +216,7 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     joined = bool(cfg.launch.address or os.environ.get("RAY_ADDRESS"))
     started = not ray.is_initialized()
     if started:
-        if not joined:  # a Ray of our own, without a dashboard: the only case without token auth
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=cfg.launch.address or None, include_dashboard=False, log_to_driver=True)
+        init_ray(cfg.launch.address, include_dashboard=False, log_to_driver=True)
     try:
         use_gpu = wants_gpus(cfg, ray.cluster_resources(), joined)
     except ValueError:

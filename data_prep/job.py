@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .local_ray import init_ray
 from .readers import DATASETS, Listing, Rejected, SampleRef, list_split
 from .samples import BadInput, encode_classification, encode_segmentation
 from .storage import open_storage, sha256_file
@@ -185,10 +186,7 @@ def prepare(dataset: str, src: str, out: str, splits=("train", "val"),
     if use_ray:
         import ray
     if use_ray and not ray.is_initialized():
-        if not (address or os.environ.get("RAY_ADDRESS")):  # a Ray of our own, without a dashboard:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the only case without token auth
-        ray.init(address=address, num_cpus=None if address else num_cpus,
-                 include_dashboard=False, log_to_driver=False)
+        init_ray(address, num_cpus=None if address else num_cpus, include_dashboard=False, log_to_driver=False)
         started_ray = True
     start = time.perf_counter()
     try:

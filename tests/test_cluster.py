@@ -162,3 +162,29 @@ def test_submit_follow_list_logs_stop(ray_head, monkeypatch):
     logs = io.StringIO()
     jobs("logs", job, address=ray_head, out=logs)
     assert '"model": "dups_demo"' in logs.getvalue()
+
+
+def test_a_ray_the_project_starts_listens_on_loopback_only(tmp_path):
+    """Token authentication is off only for a local Ray, so that Ray must not be reachable
+    from the network: every port of its processes is bound to 127.0.0.1."""
+    import psutil
+
+    script = (
+        "import json, psutil, ray\n"
+        "from data_prep.local_ray import init_ray\n"
+        "init_ray(num_cpus=1, log_to_driver=False)\n"
+        "me = psutil.Process()\n"
+        "procs = [me] + [p for p in psutil.process_iter() if 'ray' in ' '.join(p.cmdline() or []).lower()\n"
+        "        and p.pid != me.pid and any(str(me.pid) in a or 'session_' in a for a in p.cmdline())]\n"
+        "ips = sorted({c.laddr.ip for p in procs for c in p.net_connections('inet') if c.status == 'LISTEN'})\n"
+        "print(json.dumps({'node': ray.util.get_node_ip_address(), 'listen': ips}))\n"
+        "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["node"] == "127.0.0.1"
+    assert seen["listen"] and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip in seen["listen"]), seen
