@@ -159,14 +159,10 @@ class UnsafeFileError(ValueError):
 
 
 @contextlib.contextmanager
-def weights_only_loads(path) -> Iterator[None]:
-    """Every ``torch.load`` inside reads weights only: tensors, plain containers and the few
-    plain DeepSpeed types its checkpoints hold (DeepSpeed's consolidation asks for full
-    pickle loading, which would run any code a foreign checkpoint carries)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
+def weights_only_loads(path, allowed: tuple = ()) -> Iterator[None]:
+    """Every ``torch.load`` inside reads weights only: tensors, plain containers and the plain
+    types in ``allowed`` (DeepSpeed's consolidation asks for full pickle loading, which would
+    run any code a foreign checkpoint carries)."""
     real = torch.load
 
     def load(*args, **kwargs):
@@ -174,7 +170,7 @@ def weights_only_loads(path) -> Iterator[None]:
 
     torch.load = load
     try:
-        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        with torch.serialization.safe_globals(list(allowed)):
             yield
     except pickle.UnpicklingError as err:
         why = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), str(err))
@@ -184,10 +180,19 @@ def weights_only_loads(path) -> Iterator[None]:
         torch.load = real
 
 
+def _deepspeed_types() -> tuple:
+    """The plain DeepSpeed types its checkpoint files hold besides tensors."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+
+
 def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """The model's fp32 weights in a local checkpoint folder: ZeRO's fp32 master copies
     (consolidated with DeepSpeed's own tool) when there are any, else the module's tensors."""
-    with weights_only_loads(folder):
+    with weights_only_loads(folder, _deepspeed_types()):
         if list(folder.glob("*optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
