@@ -2,11 +2,12 @@
 
 Ray tasks, one per shard (not Ray Data): a shard is the unit of determinism, idempotence
 and failure. The plan (which sample goes to which shard, in which order) is made up front from
-the listing (sorted; the training split then put in a seeded order) and the source file sizes, so the shards' names, order and bytes do not
-depend on how many workers run them. Each task checks and encodes its samples, writes the tar
-with fixed metadata (mtime 0) under a temporary name, publishes it whole, and writes a
-``.json`` sidecar with its sha256, counts, statistics and rejected inputs. A re-run skips every
-shard whose sidecar exists and whose bytes still hash to it.
+the listing (sorted; the training split then put in a seeded order) and the source file sizes,
+so the shards' names, order and bytes do not depend on how many workers run them. Each task
+checks and encodes its samples, writes the tar with fixed metadata (mtime 0) under a temporary
+name, publishes it whole, and writes a ``.json`` sidecar with its sha256, plan digest, counts,
+statistics and rejected inputs. A re-run skips every shard whose sidecar matches its plan and
+whose bytes still hash to it.
 """
 from __future__ import annotations
 
@@ -113,8 +114,8 @@ def write_shard(dataset: str, plan: ShardPlan, out_url: str) -> dict:
         digest = sha256_file(local)
         nbytes = local.stat().st_size
         storage.put_file(plan.name, local)
-    sidecar = {"name": plan.name, "split": plan.split, "samples": count, "sha256": digest, "plan": plan_digest(plan),
-               "bytes": nbytes, "rejected": rejected,
+    sidecar = {"name": plan.name, "split": plan.split, "samples": count, "sha256": digest,
+               "plan": plan_digest(plan), "bytes": nbytes, "rejected": rejected,
                "fractions": {k: {str(s): v for s, v in f.items()} for k, f in fractions.items()},
                "seconds": round(time.perf_counter() - start, 3)}
     storage.put_bytes(sidecar_name, json.dumps(sidecar, sort_keys=True).encode())
