@@ -7,7 +7,6 @@ directory. Prints mIoU, the FLOPs of dynamic vs full upsampling, and how to open
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 

@@ -167,7 +167,6 @@ def test_submit_follow_list_logs_stop(ray_head, monkeypatch):
 def test_a_ray_the_project_starts_listens_on_loopback_only(tmp_path):
     """Token authentication is off only for a local Ray, so that Ray must not be reachable
     from the network: every port of its processes is bound to 127.0.0.1."""
-    import psutil
 
     script = (
         "import json, psutil, ray\n"
