@@ -26,3 +26,21 @@ def s3_server(monkeypatch):
 
     urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"), timeout=10)
     server.stop()
+
+
+def wait_until_answers(url: str, proc, what: str, seconds: float = 90) -> None:
+    """Polls ``url`` until it answers; otherwise kills ``proc``'s process group and fails."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"{what} did not answer in {seconds:.0f} s")

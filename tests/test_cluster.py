@@ -8,12 +8,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import wait_until_answers
 from pipeline.config import load_config
 from pipeline.engine import free_port
 
@@ -114,16 +114,7 @@ def ray_head():
          "--include-dashboard=true", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the Ray head did not answer in 90 s")
+    wait_until_answers(f"{address}/api/version", proc, "the Ray head")
     yield address
     os.killpg(proc.pid, signal.SIGKILL)  # the head and everything it started (SIGTERM drains 30 s)
     proc.wait(timeout=30)

@@ -4,13 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 import train_helpers as th
+from conftest import wait_until_answers
 from pipeline.credentials import forwarded_env, redact, redact_tree
 from pipeline.engine import free_port
 
@@ -52,16 +51,7 @@ def mlflow_server(tmp_path):
                              "--workers", "1", "--artifacts-destination", str(store / "artifacts")],
                             cwd=store, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("mlflow server did not answer in 90 s")
+    wait_until_answers(f"http://127.0.0.1:{port}/health", proc, "mlflow server")
     yield port, store
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
