@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 import pickle
 import re
@@ -32,7 +31,6 @@ from data_prep.storage import open_storage
 
 COMPLETE = "complete.json"
 _STEP = re.compile(r"step(\d{8})$")
-log = logging.getLogger("dups.checkpoints")
 
 
 def tag_of(step: int) -> str:
@@ -103,9 +101,8 @@ def local_copy(ref: CheckpointRef | str) -> Iterator[Path]:
         yield local
 
 
-def write_complete(folder: Path, step: int, world: int) -> None:
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    (folder / COMPLETE).write_text(json.dumps({"step": step, "world_size": world, "files": files}))
+def _complete_record(step: int, world: int, files: list[str]) -> str:
+    return json.dumps({"step": step, "world_size": world, "files": sorted(files)})
 
 
 def publish(staged: Path, dest: str, step: int, world: int) -> str:
@@ -114,17 +111,16 @@ def publish(staged: Path, dest: str, step: int, world: int) -> str:
     if "://" not in dest:
         target = Path(dest)
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_complete(staged, step, world)
+        files = [str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()]
+        (staged / COMPLETE).write_text(_complete_record(step, world, files))
         if target.exists():  # a partial folder of an earlier attempt at this step
             shutil.rmtree(target)
         os.replace(staged, target)  # staged next to it: one rename on the same filesystem
         return str(target)
     storage = open_storage(dest)
-    files = sorted(p for p in staged.rglob("*") if p.is_file())
-    for path in files:
+    for path in sorted(p for p in staged.rglob("*") if p.is_file()):
         storage.put_file(str(path.relative_to(staged)), path)
-    write_complete(staged, step, world)
-    storage.put_file(COMPLETE, staged / COMPLETE)
+    mark_complete(dest, step, world)
     shutil.rmtree(staged)
     return dest
 
@@ -133,7 +129,7 @@ def mark_complete(dest: str, step: int, world: int) -> None:
     """Writes ``complete.json`` into an already stored checkpoint folder (Ray's uploads)."""
     storage = open_storage(dest)
     files = [n for n in storage.list() if n != COMPLETE]
-    storage.put_bytes(COMPLETE, json.dumps({"step": step, "world_size": world, "files": files}).encode())
+    storage.put_bytes(COMPLETE, _complete_record(step, world, files).encode())
 
 
 def prune(run: str, keep: int) -> list[str]:

@@ -117,11 +117,9 @@ def test_streams_from_s3_like_from_disk(dataset, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def five_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("five")
-    write_ade20k_layout(root / "src", train=23, val=1, size=(96, 128), seed=7)
-    prepare("ade20k", str(root / "src"), str(root / "shards"), shard_bytes=27_000,
-            progress=False, use_ray=False)
-    return str(root / "shards")
+    import train_helpers as th
+
+    return th.make_dataset(tmp_path_factory.mktemp("five"), train=23, val=1, seed=7, shard_bytes=27_000)
 
 
 def test_an_epoch_reads_every_sample_once(five_shards):

@@ -9,9 +9,9 @@ from data_prep.synth import write_ade20k_layout
 from pipeline.config import load_config
 
 
-def make_dataset(root: Path, train: int = 16, val: int = 2) -> str:
-    write_ade20k_layout(root / "src", train=train, val=val, size=(96, 128), seed=11)
-    prepare("ade20k", str(root / "src"), str(root / "shards"), shard_bytes=40_000,
+def make_dataset(root: Path, train: int = 16, val: int = 2, seed: int = 11, shard_bytes: int = 40_000) -> str:
+    write_ade20k_layout(root / "src", train=train, val=val, size=(96, 128), seed=seed)
+    prepare("ade20k", str(root / "src"), str(root / "shards"), shard_bytes=shard_bytes,
             progress=False, use_ray=False)
     return str(root / "shards")
 
