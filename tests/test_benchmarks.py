@@ -1,5 +1,5 @@
 """The benchmark scripts run end to end on small inputs (their figures are in BENCHMARKS.md;
-this only keeps them from rotting between GPU visits): each prints its table."""
+this only keeps them from rotting while no GPU is lent): each prints its table."""
 import subprocess
 import sys
 from pathlib import Path
