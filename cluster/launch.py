@@ -13,11 +13,13 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from data_prep.local_ray import init_ray
 from data_prep.storage import open_storage
-from pipeline.checkpoints import find_checkpoint, join, mark_complete, prune, publish, tag_of
+from pipeline.checkpoints import (find_checkpoint, join, mark_complete, newest_of_launch, prune, publish,
+                                 step_of, tag_of)
 from pipeline.config import Config
 from pipeline.credentials import forwarded_env
 from pipeline.data import ShardError
@@ -152,7 +154,10 @@ def _ray_loop(config: dict) -> None:
     resume_from = config.get("resume_from")
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts us after a failure
     ctx = None
-    if checkpoint is not None:
+    newer = newest_of_launch(run, config["launch"])  # stored but maybe not yet registered
+    if newer is not None and newer.step > (step_of(checkpoint.path) if checkpoint else -1):
+        resume_from = newer.url
+    elif checkpoint is not None:
         ctx = checkpoint.as_directory()
         resume_from = ctx.__enter__()
 
@@ -171,7 +176,7 @@ def _ray_loop(config: dict) -> None:
         dist.barrier()  # every rank's part is stored
         dest = join(run, folder.name)
         if dist.get_rank() == 0:
-            mark_complete(dest, step, dist.get_world_size())
+            mark_complete(dest, step, dist.get_world_size(), config["launch"])
         shutil.rmtree(folder.parent, ignore_errors=True)
         return dest
 
@@ -237,7 +242,8 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     trainer = TorchTrainer(
         _ray_loop,
         train_loop_config={"overrides_flat": flat_overrides(cfg), "resume_from": resume_from,
-                           "stop_after": stop_after, "run_id": run_id, "storage": storage},
+                           "stop_after": stop_after, "run_id": run_id, "storage": storage,
+                           "launch": uuid.uuid4().hex},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.launch.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.launch.cpus_per_worker}),

@@ -37,6 +37,12 @@ def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
 
+def step_of(url: str) -> int:
+    """The step of a checkpoint folder named ``step<N>``; -1 for any other name."""
+    match = _STEP.search(url.rstrip("/"))
+    return int(match.group(1)) if match else -1
+
+
 def join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name)
 
@@ -101,8 +107,9 @@ def local_copy(ref: CheckpointRef | str) -> Iterator[Path]:
         yield local
 
 
-def _complete_record(step: int, world: int, files: list[str]) -> str:
-    return json.dumps({"step": step, "world_size": world, "files": sorted(files)})
+def _complete_record(step: int, world: int, files: list[str], launch: str | None = None) -> str:
+    record = {"step": step, "world_size": world, "files": sorted(files)}
+    return json.dumps({**record, "launch": launch} if launch else record)
 
 
 def publish(staged: Path, dest: str, step: int, world: int) -> str:
@@ -125,11 +132,25 @@ def publish(staged: Path, dest: str, step: int, world: int) -> str:
     return dest
 
 
-def mark_complete(dest: str, step: int, world: int) -> None:
-    """Writes ``complete.json`` into an already stored checkpoint folder (Ray's uploads)."""
+def mark_complete(dest: str, step: int, world: int, launch: str | None = None) -> None:
+    """Writes ``complete.json`` into an already stored checkpoint folder (Ray's uploads).
+    ``launch``: the id of the launch that wrote it (see ``newest_of_launch``)."""
     storage = open_storage(dest)
     files = [n for n in storage.list() if n != COMPLETE]
-    storage.put_bytes(COMPLETE, _complete_record(step, world, files).encode())
+    storage.put_bytes(COMPLETE, _complete_record(step, world, files, launch).encode())
+
+
+def newest_of_launch(run: str, launch: str) -> CheckpointRef | None:
+    """The newest complete checkpoint in the run folder ``run`` written by the launch
+    ``launch``. Ray hands a restarted worker only the checkpoints its controller has
+    registered, which it learns of a poll later than they are stored: a worker dying in
+    between would otherwise restart from an older checkpoint, or from step 0."""
+    storage = open_storage(run)
+    for ref in reversed(complete_checkpoints(run, max_depth=1)):
+        record = json.loads(storage.get_bytes(f"{tag_of(ref.step)}/{COMPLETE}"))
+        if record.get("launch") == launch:
+            return ref
+    return None
 
 
 def prune(run: str, keep: int) -> list[str]:

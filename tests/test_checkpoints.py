@@ -10,7 +10,7 @@ import torch
 
 import train_helpers as th
 from cluster.launch import train_local
-from pipeline.checkpoints import COMPLETE, find_checkpoint, model_state
+from pipeline.checkpoints import COMPLETE, find_checkpoint, mark_complete, model_state, newest_of_launch
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,19 @@ def test_find_checkpoint_names_the_runs_when_several_are_found(tmp_path):
     assert find_checkpoint(str(tmp_path), name="b").url == str(tmp_path / "b" / "checkpoints" / "step00000001")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         find_checkpoint(str(tmp_path / "b" / "checkpoints" / "step00000009"))
+
+
+def test_a_restarted_ray_worker_finds_its_own_launchs_newest_checkpoint(tmp_path):
+    run = tmp_path / "ray" / "demo"
+    for step, launch in ((4, "old"), (8, "new"), (12, "new"), (16, "old"), (20, "new")):
+        (run / f"step{step:08d}").mkdir(parents=True)
+        (run / f"step{step:08d}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        if step != 20:  # the last one never finished
+            mark_complete(str(run / f"step{step:08d}"), step, 2, launch)
+    assert newest_of_launch(str(run), "new").step == 12
+    assert newest_of_launch(str(run), "old").step == 16
+    assert newest_of_launch(str(run), "other") is None
+    assert newest_of_launch(str(tmp_path / "nothing"), "new") is None
 
 
 def test_pretraining_on_two_ray_workers_hands_its_weights_to_finetuning(tmp_path, monkeypatch):

@@ -20,12 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def kill_a_worker_after_first_checkpoint(storage: Path, finished_marker: str, record: dict, timeout=300):
-    """Waits for the run's checkpoints, then SIGKILLs one Ray Train worker process."""
+    """Waits for the run's first complete checkpoint, then SIGKILLs one Ray Train worker
+    process: at once, before Ray's controller has (on its next poll) registered it."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:  # two on storage: the first is surely registered by Ray
-        if len(list(storage.glob("step*"))) >= 2:
+    while time.monotonic() < deadline:
+        if list(storage.glob("step*/complete.json")):
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     record["checkpoints_before"] = sorted(p.name for p in storage.glob("step*"))
     for proc in psutil.process_iter(["pid", "cmdline"]):
         if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
