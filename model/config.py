@@ -22,6 +22,10 @@ class EncoderConfig:
     nbhd_size: int = 48  # keys per cluster (AFF: 48)
     grid_kernel: int = 7  # natten window on the stage-1 grid (7 x 7 = 49 keys)
     image_data: bool = True  # Table 5 "No aux data" turns it off
+    # Score heads and children (not specified by the paper; see model/upsampling.py):
+    score_norm: bool = False  # LayerNorm on the score MLP's input
+    score_sigmoid: bool = False  # predictions through a sigmoid (in [0, 1], as the targets)
+    child_norm: bool = False  # LayerNorm on the children's image-data branch
     unet: bool = True  # Table 5 "No U-Net": no descending path
     drop_path: float = 0.1
     attention_backend: str = "auto"

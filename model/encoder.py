@@ -87,7 +87,8 @@ class DUPSEncoder(nn.Module):
         self.stem_pos = CentreEmbedding(d[0])
         self.left = nn.ModuleList(stage(i, cfg.depths_left[i]) for i in range(4))
         self.upsample = nn.ModuleList(
-            UpsamplingBlock(d[i], STAGE_PATCH_SIZES[i], cfg.image_data) for i in range(3))
+            UpsamplingBlock(d[i], STAGE_PATCH_SIZES[i], cfg.image_data, cfg.score_norm,
+                            cfg.score_sigmoid, cfg.child_norm) for i in range(3))
         self.widen_up = nn.ModuleList(projection(d[i], d[i + 1]) for i in range(3))
         if cfg.unet:
             self.right = nn.ModuleList(stage(i, cfg.depths_right[i]) for i in range(3))
@@ -96,6 +97,8 @@ class DUPSEncoder(nn.Module):
         self.ratio_policy = RatioPolicy()
         self.set_attention_backend(cfg.attention_backend)
         self.apply(_init_weights)
+        for block in self.upsample:
+            block.init_score_output()
 
     def set_attention_backend(self, backend: str) -> None:
         for m in self.modules():

@@ -57,11 +57,14 @@ class UpsampleRecord:
 class UpsamplingBlock(nn.Module):
     """Scores the finest tokens of a set of width ``dim`` and splits the top K of them."""
 
-    def __init__(self, dim: int, parent_patch: int, image_data: bool = True):
+    def __init__(self, dim: int, parent_patch: int, image_data: bool = True,
+                 score_norm: bool = False, score_sigmoid: bool = False, child_norm: bool = False):
         super().__init__()
         self.parent_patch = parent_patch
         self.child_patch = parent_patch // 2
+        self.score_in = nn.LayerNorm(dim) if score_norm else nn.Identity()
         self.score = mlp(dim, dim, 1, layers=3)
+        self.score_sigmoid = score_sigmoid
         self.scale_embed = LearnedTensor(dim)
         self.subpatch_embed = LearnedTensor(4, dim)
         self.pos_embed = CentreEmbedding(dim)
@@ -69,6 +72,13 @@ class UpsamplingBlock(nn.Module):
         if image_data:
             self.image_proj = nn.Linear(3 * self.child_patch ** 2, dim)
             self.image_mlp = mlp(dim, dim, dim, layers=2)
+            self.image_out = nn.LayerNorm(dim) if child_norm else nn.Identity()
+
+    def init_score_output(self, prior: float = 0.05) -> None:
+        """A sigmoid head starts at ``prior`` (about the mean edge fraction), not at 0.5:
+        otherwise its first thousands of steps only move the bias down."""
+        if self.score_sigmoid:
+            nn.init.constant_(self.score[-1].bias, math.log(prior / (1 - prior)))
 
     def forward(self, tokens: TokenSet, images: Tensor, policy: RatioPolicy, block: int,
                 oracle_map: Tensor | None = None) -> tuple[TokenSet, UpsampleRecord]:
@@ -81,7 +91,8 @@ class UpsamplingBlock(nn.Module):
         b, n, d = cand.shape
         scores = None
         if not policy.random_selection:
-            scores = self.score(cand).squeeze(-1)
+            scores = self.score(self.score_in(cand)).squeeze(-1)
+            scores = scores.sigmoid() if self.score_sigmoid else scores
         choose_by = scores
         if oracle_map is not None:
             choose_by = token_targets(oracle_map, cand_centres, self.parent_patch)
@@ -106,6 +117,6 @@ class UpsamplingBlock(nn.Module):
             pixels = image_patches(images, p)
             index = raster_cells(centres, p, images.shape[-1] // p)
             pixels = pixels.gather(1, index[..., None].expand(-1, -1, pixels.shape[-1]))
-            feats = feats + self.image_mlp(self.image_proj(pixels.to(feats.dtype)))
+            feats = feats + self.image_out(self.image_mlp(self.image_proj(pixels.to(feats.dtype))))
         scale_index = tokens.scales.new_full((b, 4 * k), tokens.num_stages)
         return tokens.append(feats, centres, scale_index), record

@@ -64,12 +64,19 @@ class EvalResult:
     split_ratio: list[float] = field(default_factory=list)
     oracle_ratio: list[float] = field(default_factory=list)
     edge_recall: list[float] = field(default_factory=list)
+    # How selective each block's score head is, over every candidate it scored (all images
+    # pooled; evaluate with policy "full" to score every token): the ranking AUC of edge
+    # tokens (true fraction > tau_s) above flat ones, and the share of flat tokens it
+    # predicts at or under tau_s (eq. 1 leaves them unsplit). A head that predicts the mean
+    # everywhere has AUC ~0.5 and keeps no flat token; a selective one has both near 1.
+    score_auc: list[float] = field(default_factory=list)
+    flat_kept: list[float] = field(default_factory=list)
 
     def metrics(self, prefix: str = "val/") -> dict[str, float]:
         out = {f"{prefix}mIoU": self.miou, f"{prefix}gflops_mean": self.gflops_mean,
                f"{prefix}gflops_std": self.gflops_std, f"{prefix}score_mse": self.score_mse}
         out.update({f"{prefix}tokens_stage{i + 1}": t for i, t in enumerate(self.tokens_per_stage)})
-        for name in ("split_ratio", "oracle_ratio", "edge_recall"):
+        for name in ("split_ratio", "oracle_ratio", "edge_recall", "score_auc", "flat_kept"):
             out.update({f"{prefix}{name}_block{i + 1}": v for i, v in enumerate(getattr(self, name))})
         return out
 
@@ -89,9 +96,13 @@ class EvalResult:
         """The upsampling blocks' choices against the ground truth, in one line."""
         def row(values: list[float], fmt: str) -> str:
             return " / ".join("-" if math.isnan(v) else format(v, fmt) for v in values)
-        return (f"upsampling blocks (scales 32 / 16 / 8) split {row(self.split_ratio, '.2f')} of their "
+        line = (f"upsampling blocks (scales 32 / 16 / 8) split {row(self.split_ratio, '.2f')} of their "
                 f"candidates; the ground truth (eq. 1 on true edge fractions) would split "
                 f"{row(self.oracle_ratio, '.2f')}; edge tokens split {row(self.edge_recall, '.0%')}")
+        if self.score_auc:
+            line += (f"; score heads rank edge over flat tokens with AUC {row(self.score_auc, '.2f')} "
+                     f"and keep {row(self.flat_kept, '.0%')} of flat tokens under tau")
+        return line
 
 
 def _probs(model: DUPSSegmentor, image: torch.Tensor, policy: RatioPolicy, size,
@@ -161,6 +172,7 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
     conf = torch.zeros(classes, classes, dtype=torch.long)
     flops, tokens, mse, figs = [], [], [], []
     selection = []  # per image: [(split, candidates, oracle split, edge tokens split), ...] per block
+    scored = []  # per image: [(predicted, true edge fractions), ...] per block that scored
     for sample in samples:
         image = sample["image"][None].to(device, dtype)
         label = sample["label"]
@@ -180,13 +192,16 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
         pred = full.argmax(1)[0].cpu()
         conf += confusion(pred, label, classes, name=sample.get("key", "?"))
         if not (cfg.sliding_window or cfg.multi_scale or cfg.flip):
-            per_block = []
+            per_block, pairs = [], []
             for block, rec in enumerate(out.records):
                 target = token_targets(sample["scores"][rec.patch][None].to(device), rec.centres, rec.patch)
                 if rec.scores is not None and rec.scores.shape[1]:
                     mse.append(float(((rec.scores.float() - target) ** 2).mean()))
+                if rec.scores is not None:
+                    pairs.append((rec.scores[0].float().cpu().numpy(), target[0].cpu().numpy()))
                 per_block.append(_selection_counts(rec.selected[0], target[0] > policy.tau[block]))
             selection.append(per_block)
+            scored.append(pairs)
         if len(figs) < pictures:
             seen = F.interpolate(full, size=(h, w), mode="bilinear").argmax(1)[0].cpu().numpy()
             lab = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long().numpy()
@@ -194,11 +209,12 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
     if dist.is_available() and dist.is_initialized():
         conf = all_reduce_sum(conf)
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (flops, tokens, mse, selection))
+        dist.all_gather_object(gathered, (flops, tokens, mse, selection, scored))
         flops = [f for g in gathered for f in g[0]]
         tokens = [t for g in gathered for t in g[1]]
         mse = [m for g in gathered for m in g[2]]
         selection = [c for g in gathered for c in g[3]]
+        scored = [c for g in gathered for c in g[4]]
     iou, miou = iou_from_confusion(conf)
     model.train()
     return EvalResult(
@@ -207,7 +223,7 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
         gflops_std=float(np.std(flops)) if flops else float("nan"),
         tokens_per_stage=np.mean(tokens, axis=0).tolist() if tokens else [],
         score_mse=float(np.mean(mse)) if mse else float("nan"), pictures=figs,
-        **_selection_summary(selection))
+        **_selection_summary(selection), **_head_quality(scored, policy.tau))
 
 
 def _selection_counts(selected: torch.Tensor, edge: torch.Tensor) -> tuple[int, int, int, int]:
@@ -231,6 +247,27 @@ def _selection_summary(selection: list) -> dict[str, list[float]]:
     edges, found = oracle.sum(0), hits.sum(0)
     return {"split_ratio": mean_ratio(split), "oracle_ratio": mean_ratio(oracle),
             "edge_recall": [float(f / e) if e else float("nan") for f, e in zip(found, edges)]}
+
+
+def _head_quality(scored: list, tau) -> dict[str, list[float]]:
+    """Per block, over all images' candidates: AUC of edge tokens (true fraction > tau)
+    ranked above flat ones (Mann-Whitney U / (n_edge n_flat), ties counted half), and the
+    share of flat tokens predicted at or under tau."""
+    from scipy.stats import mannwhitneyu
+
+    if not scored or not any(scored):
+        return {}
+    auc, kept = [], []
+    for block in range(max(len(pairs) for pairs in scored)):
+        pred = np.concatenate([p[block][0] for p in scored if len(p) > block] or [np.zeros(0)])
+        true = np.concatenate([p[block][1] for p in scored if len(p) > block] or [np.zeros(0)])
+        edge = true > tau[block]
+        flat = ~edge
+        both = edge.any() and flat.any()
+        auc.append(float(mannwhitneyu(pred[edge], pred[flat]).statistic / (edge.sum() * flat.sum()))
+                   if both else float("nan"))
+        kept.append(float((pred[flat] <= tau[block]).mean()) if flat.any() else float("nan"))
+    return {"score_auc": auc, "flat_kept": kept}
 
 
 @torch.no_grad()

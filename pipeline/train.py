@@ -4,8 +4,10 @@ It only needs an initialised process group (rank and world from ``torch.distribu
 launcher decides where checkpoints go and what happens after one is saved (Ray reports it).
 Every rank saves its DeepSpeed shard plus its RNG state; the checkpoint also holds the step,
 the data position and the MLflow run id, so a restarted or resumed run continues exactly and
-logs to the same run. Metrics are buffered on rank 0 and written to MLflow when a checkpoint
-is saved: steps replayed after a crash were never logged, so no step is counted twice.
+logs to the same run. Metrics are buffered on rank 0 and written to MLflow just before a
+checkpoint is published; a restarted run skips the steps MLflow has already (``Tracker``'s
+``logged_until``). So every step is logged once: a crash after the checkpoint cannot lose
+its steps' metrics, and one before it replays steps that are not logged again.
 """
 from __future__ import annotations
 
@@ -200,10 +202,10 @@ class Trainer:
         if self.rank == 0:
             (stage / tag / "config.json").write_text(json.dumps(config, indent=1))
         dist.barrier()
-        where = self.hooks.publish(self.step, stage / tag)
-        for step, metrics in self.pending:  # flushed only now: see the module docstring
+        for step, metrics in self.pending:  # before the checkpoint counts: see the module docstring
             self.tracker.metrics(metrics, step)
         self.pending.clear()
+        where = self.hooks.publish(self.step, stage / tag)
         self.tracker.tag("last_checkpoint", where)
         return where
 

@@ -111,6 +111,8 @@ def test_selection_against_the_ground_truth_per_upsampling_block():
     assert res.oracle_ratio == pytest.approx(want) and 0 < min(want) and max(want) < 1
     assert res.metrics()["val/oracle_ratio_block2"] == pytest.approx(want[1])
     assert "edge tokens split 100% / 100% / 100%" in res.table([f"c{i}" for i in range(5)])
+    assert len(res.score_auc) == 3 and all(0 <= a <= 1 for a in res.score_auc)
+    assert "val/score_auc_block3" in res.metrics() and "val/flat_kept_block1" in res.metrics()
 
     fixed = RatioPolicy.from_preset("fixed", "ade20k")
     res = evaluate(model, [sample], 5, fixed, EvalConfig(), 128, torch.device("cpu"))
@@ -132,6 +134,23 @@ def test_selection_counts_and_their_summary_by_hand():
     assert summary["split_ratio"] == pytest.approx([(2 / 5 + 1) / 2, 1 / 4])
     assert summary["oracle_ratio"] == pytest.approx([(3 / 5 + 1 / 3) / 2, 0])
     assert summary["edge_recall"][0] == pytest.approx(2 / 4) and math.isnan(summary["edge_recall"][1])
+
+
+def test_score_head_quality_by_hand():
+    """AUC counted pair by pair (ties half) and the flat tokens kept under tau, two images pooled."""
+    from pipeline.evaluate import _head_quality
+    import numpy as np
+    tau = (0.01, 0.02)
+    # block 1: edges (true > 0.01) predicted 0.05, 0.02; flat predicted 0.0, 0.02, 0.03
+    img1 = [(np.array([0.05, 0.0, 0.02]), np.array([0.06, 0.0, 0.005])),
+            (np.array([0.3]), np.array([0.0]))]
+    img2 = [(np.array([0.02, 0.03]), np.array([0.02, 0.01])), (np.zeros(0), np.zeros(0))]
+    out = _head_quality([img1, img2], tau)
+    pairs = [(e, f) for e in (0.05, 0.02) for f in (0.0, 0.02, 0.03)]
+    want = sum(1.0 if e > f else 0.5 if e == f else 0.0 for e, f in pairs) / len(pairs)
+    assert out["score_auc"][0] == pytest.approx(want)  # 3.5 / 6
+    assert out["flat_kept"][0] == pytest.approx(1 / 3)  # only 0.0 is at or under 0.01
+    assert math.isnan(out["score_auc"][1]) and out["flat_kept"][1] == 0.0  # no edge token; 0.3 > 0.02
 
 
 def test_images_whose_sides_are_not_multiples_of_32_evaluate():

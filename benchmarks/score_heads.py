@@ -1,0 +1,116 @@
+"""How selective the score heads become, variant against variant: the demo's model trained
+(one process, CPU) on the demo's synthetic scenes under each variant's config overrides, then
+evaluated on a held-out set of scenes from the same generator.
+
+Per variant it prints, for the three upsampling blocks (scales 32 / 16 / 8): the ranking AUC
+of edge tokens above flat ones and the share of flat tokens predicted under tau_s (both with
+full upsampling, every candidate scored; a selective head has both near 1), then mIoU and
+GFLOPs under full upsampling, the dynamic ratio (eq. 1 on the head's predictions) and the
+oracle's (eq. 1 on the true edge fractions).
+
+    .venv/bin/python benchmarks/score_heads.py --iters 600 \\
+        base= weight10=upsampling.score_weight=10 trained_full=upsampling.policy=full
+
+A variant is NAME=override[,override...] (an empty list: the defaults). Runs and data are
+kept under --out; a variant already trained there is only evaluated again.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name  # noqa: E402
+from model import RatioPolicy  # noqa: E402
+from pipeline.config import EvalConfig, load_config  # noqa: E402
+
+
+def scenes(out: Path, train: int, heldout: int) -> Path:
+    """The demo's scenes (128 x 160 +- 32) and ``heldout`` more of the same generator, as shards."""
+    from data_prep.job import prepare
+    from data_prep.synth import write_ade20k_layout
+
+    shards = out / f"shards-{train}-{heldout}"
+    if not (shards / "manifest.json").exists():
+        write_ade20k_layout(out / f"src-{train}-{heldout}", train, heldout, size=(128, 160))
+        prepare("ade20k", str(out / f"src-{train}-{heldout}"), str(shards), shard_bytes=400_000,
+                progress=False, use_ray=False)
+    return shards
+
+
+def train_variant(name: str, overrides: list[str], shards: Path, out: Path, iters: int, seed: int):
+    from cluster.launch import train_local
+    from pipeline.checkpoints import find_checkpoint
+
+    runs = out / "runs" / f"{name}-{iters}-s{seed}"
+    cfg = load_config("demo", [f"data.train={shards}", f"train.output={runs}", f"train.iters={iters}",
+                               f"train.eval_every={10 * iters}", f"train.checkpoint_every={iters}",
+                               f"train.seed={seed}", "launch.launcher=local", "tracking.uri=none",
+                               "train.pictures=0", *overrides])
+    try:
+        return cfg, find_checkpoint(str(runs), cfg.name).url
+    except FileNotFoundError:
+        pass
+    start = time.perf_counter()
+    result = train_local(cfg)
+    print(f"  {name}: trained {iters} iterations in {time.perf_counter() - start:.0f} s", flush=True)
+    return cfg, result.last_checkpoint
+
+
+def evaluate_variant(cfg, checkpoint: str) -> dict:
+    from pipeline.data import EvalStream
+    from pipeline.evaluate import evaluate
+    from pipeline.evaluate_cli import load_checkpoint_model
+    from pipeline.train import _SegmentationEval
+
+    device = torch.device("cpu")
+    model, _, _, shards = load_checkpoint_model(cfg, checkpoint, device)
+    preset = cfg.upsampling.preset
+    samples = list(EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), 0, 1, 0))
+    runs = {"full": (RatioPolicy.from_preset("full", preset), False),
+            "dynamic": (RatioPolicy.from_preset("per_image", preset), False),
+            "oracle": (RatioPolicy.from_preset("per_image", preset), True)}
+    return {k: evaluate(model, samples, cfg.model.num_classes, policy, EvalConfig(), cfg.data.crop,
+                        device, oracle=oracle) for k, (policy, oracle) in runs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variants", nargs="+", help="NAME=override[,override...]")
+    ap.add_argument("--iters", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", type=int, default=48, help="training scenes (the demo's 48)")
+    ap.add_argument("--heldout", type=int, default=32, help="held-out scenes")
+    ap.add_argument("--out", default="score_heads_run")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out).resolve()
+    shards = scenes(out, args.train, args.heldout)
+    rows = []
+    for spec in args.variants:
+        name, _, rest = spec.partition("=")
+        cfg, checkpoint = train_variant(name, [o for o in rest.split(",") if o], shards, out,
+                                        args.iters, args.seed)
+        rows.append((name, evaluate_variant(cfg, checkpoint)))
+        res = rows[-1][1]
+        print(f"  {name}: {res['full'].selection_line()}", flush=True)
+
+    def row(values, fmt):
+        return " / ".join(format(v, fmt) for v in values)
+    print(f"\nDUPS-demo, {args.iters} iterations (seed {args.seed}), {args.train} training scenes, "
+          f"{rows[0][1]['full'].images} held-out scenes, {device_name(torch.device('cpu'))}, fp32")
+    print(f"{'variant':<16}{'AUC (full)':<20}{'flat kept':<18}{'mIoU full':>10}{'dyn':>7}"
+          f"{'x full':>8}{'oracle x':>9}  dynamic split")
+    for name, res in rows:
+        full, dyn, orc = res["full"], res["dynamic"], res["oracle"]
+        print(f"{name:<16}{row(full.score_auc, '.2f'):<20}{row(full.flat_kept, '.2f'):<18}"
+              f"{100 * full.miou:>10.1f}{100 * dyn.miou:>7.1f}{dyn.gflops_mean / full.gflops_mean:>8.3f}"
+              f"{orc.gflops_mean / full.gflops_mean:>9.3f}  {row(dyn.split_ratio, '.2f')}")
+
+
+if __name__ == "__main__":
+    main()
