@@ -57,3 +57,37 @@ def test_token_targets_beyond_the_map_are_zero():
     score_map = torch.arange(1.0, 7.0).view(1, 2, 3)  # a 40 x 48 label's 16-px map (ceil)
     centres = torch.tensor([[[40.0, 24.0], [56.0, 8.0], [8.0, 40.0], [56.0, 56.0]]])  # image padded to 64 x 64
     assert token_targets(score_map, centres, 16).tolist() == [[6.0, 0.0, 0.0, 0.0]]
+
+
+def test_training_targets_line_up_with_the_tokens_the_model_sees():
+    """After the training augmentation (scale jitter, crop, flip, padding of a non-square
+    image), every token's target is the edge fraction of the label pixels under its own patch
+    (brute force, not ``edge_scores``), and the image pixels under it show the same classes."""
+    import io
+    from PIL import Image
+    from model.tokens import grid_centres
+    from pipeline import augment
+
+    colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [220, 220, 40]], np.uint8)
+    label = np.zeros((90, 150), np.uint8)  # not square, not a multiple of 32
+    label[:, 40:] = 1
+    label[30:70, 100:130] = 2
+    label[75:, 10:60] = 3
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+    sample = {"img": png(colours[label]), "seg.png": png(label), "__key__": "k"}
+    for seed in range(6):  # crops, flips and scales that differ
+        out = augment.train_segmentation(sample, 64, np.random.default_rng(seed), (0.6, 1.8),
+                                          use_photometric=False)
+        lab = out["label"].numpy()
+        for s in (32, 16, 8):
+            centres = grid_centres(64, 64, s)[None]
+            got = token_targets(out["scores"][s][None], centres, s)[0].numpy()
+            np.testing.assert_allclose(got, brute_force_scores(lab, s).reshape(-1), atol=1e-7)
+        pixels = (out["image"].numpy().transpose(1, 2, 0) * augment.STD + augment.MEAN)
+        inside = lab != 255
+        nearest = np.abs(pixels[inside][:, None] - colours[None].astype(np.float32)).sum(-1).argmin(1)
+        assert (nearest == lab[inside]).mean() > 0.97  # all but resampled boundary pixels
