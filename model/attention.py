@@ -260,6 +260,16 @@ def grid_neighbourhood(centres: Tensor, height: int, width: int, unit: float,
                          unit=unit, grid=(height, width, kernel))
 
 
+def global_neighbourhood(centres: Tensor, unit: float) -> Neighbourhood:
+    """Every token attends to every token (B, N, 2): one group of all N, so the backends'
+    gathers are plain copies and the attention is one SDPA call over N x N. Stage 1's
+    "lightweight ViT" (256 tokens at 512 x 512)."""
+    b, n = centres.shape[:2]
+    rows = torch.arange(n, device=centres.device)
+    return Neighbourhood(key_index=rows.view(1, 1, n).expand(b, -1, -1), centres=centres,
+                         unit=unit, order=rows.expand(b, -1), cluster_size=n)
+
+
 @functools.lru_cache(maxsize=None)
 def _xformers_runs() -> bool:
     if not torch.cuda.is_available():

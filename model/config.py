@@ -20,6 +20,9 @@ class EncoderConfig:
     head_dim: int = 32
     cluster_size: int = 8  # tokens per cluster along the Hilbert curve (AFF: 8)
     nbhd_size: int = 48  # keys per cluster (AFF: 48)
+    # Stage 1 (32x32 tokens, both sides of the U): "global" attention over the whole grid
+    # (the paper's "lightweight Vision Transformer") or a natten "window" of grid_kernel^2.
+    stage1_attention: str = "global"
     grid_kernel: int = 7  # natten window on the stage-1 grid (7 x 7 = 49 keys)
     image_data: bool = True  # Table 5 "No aux data" turns it off
     # Score heads and children (not specified by the paper; see model/upsampling.py):
@@ -31,6 +34,8 @@ class EncoderConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.stage1_attention not in ("global", "window"):
+            raise ValueError(f"stage1_attention must be 'global' or 'window', got {self.stage1_attention!r}")
         for d in self.dims:
             if d % self.head_dim:
                 raise ValueError(f"width {d} is not a multiple of head_dim {self.head_dim}")

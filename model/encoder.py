@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import (Neighbourhood, NeighbourhoodAttention, cluster_neighbourhood,
-                        grid_neighbourhood)
+                        global_neighbourhood, grid_neighbourhood)
 from .config import EncoderConfig, encoder_config
 from .ratios import RatioPolicy
 from .tokens import STAGE_PATCH_SIZES, TokenSet, grid_centres
@@ -75,23 +75,27 @@ class DUPSEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.dims
-        total = sum(cfg.depths_left) + (sum(cfg.depths_right) if cfg.unet else 0)
-        rates = iter(torch.linspace(0, cfg.drop_path, max(total, 1)).tolist())
+        # Stochastic depth grows linearly in the order blocks run: the left stages 1..4,
+        # then the right stages 3, 2, 1.
+        run_order = [("left", i) for i in range(4)] + ([("right", i) for i in (2, 1, 0)] if cfg.unet else [])
+        depth = {("left", i): cfg.depths_left[i] for i in range(4)}
+        depth.update({("right", i): cfg.depths_right[i] for i in range(3)})
+        rates = iter(torch.linspace(0, cfg.drop_path, max(sum(depth[s] for s in run_order), 1)).tolist())
+        stage_rates = {s: [next(rates) for _ in range(depth[s])] for s in run_order}
 
-        def stage(i: int, depth: int) -> Stage:
-            return Stage(Block(d[i], cfg.heads[i], cfg.mlp_ratio, next(rates))
-                         for _ in range(depth))
+        def stage(side: str, i: int) -> Stage:
+            return Stage(Block(d[i], cfg.heads[i], cfg.mlp_ratio, r) for r in stage_rates[side, i])
 
         self.stem = nn.Conv2d(3, d[0], kernel_size=32, stride=32)
         self.stem_norm = nn.LayerNorm(d[0])
         self.stem_pos = CentreEmbedding(d[0])
-        self.left = nn.ModuleList(stage(i, cfg.depths_left[i]) for i in range(4))
+        self.left = nn.ModuleList(stage("left", i) for i in range(4))
         self.upsample = nn.ModuleList(
             UpsamplingBlock(d[i], STAGE_PATCH_SIZES[i], cfg.image_data, cfg.score_norm,
                             cfg.score_sigmoid, cfg.child_norm) for i in range(3))
         self.widen_up = nn.ModuleList(projection(d[i], d[i + 1]) for i in range(3))
         if cfg.unet:
-            self.right = nn.ModuleList(stage(i, cfg.depths_right[i]) for i in range(3))
+            self.right = nn.ModuleList(stage("right", i) for i in range(3))
             self.widen_down = nn.ModuleList(projection(d[i + 1], d[i]) for i in range(3))
         self.out_norms = nn.ModuleList(nn.LayerNorm(d[i]) for i in range(4))
         self.ratio_policy = RatioPolicy()
@@ -136,7 +140,9 @@ class DUPSEncoder(nn.Module):
                 tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle)
                 records.append(rec)
                 tokens = tokens.with_features(self.widen_up[i - 1](tokens.features))
-            if i == 0:
+            if i == 0 and self.cfg.stage1_attention == "global":
+                nbhd = global_neighbourhood(tokens.centres, 32.0)
+            elif i == 0:
                 nbhd = grid_neighbourhood(tokens.centres, h // 32, w // 32, 32.0,
                                           self.cfg.grid_kernel)
             else:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.attention import (NeighbourhoodAttention, bias_frequencies, cluster_neighbourhood,
-                             grid_neighbourhood, hilbert_codes, hilbert_index, xformers_available)
+                             global_neighbourhood, grid_neighbourhood, hilbert_codes, hilbert_index, xformers_available)
 
 
 def hilbert_xy2d(n: int, x: int, y: int) -> int:
@@ -133,6 +133,20 @@ def test_grid_attention_equals_brute_force(attn):
     got = attn(x, nbhd)
     want = dense_reference(attn, x, centres, window_mask(h, w, kernel), 32.0)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_global_attention_equals_brute_force(attn):
+    """Stage 1's global attention: every token over all tokens of a non-square grid, each
+    image of the batch on its own."""
+    torch.manual_seed(6)
+    h, w = 5, 8
+    x, centres = grid_inputs(h, w)
+    x, centres = torch.cat([x, torch.randn_like(x)]), centres.expand(2, -1, -1)
+    got = attn(x, global_neighbourhood(centres, 32.0))
+    every = np.ones((h * w, h * w), dtype=bool)
+    for i in range(2):
+        want = dense_reference(attn, x[i:i + 1], centres[i:i + 1], every, 32.0)
+        torch.testing.assert_close(got[i:i + 1], want, rtol=1e-9, atol=1e-9)
 
 
 @torch.no_grad()  # natten's CPU path (flex attention) has no backward

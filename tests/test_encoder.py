@@ -123,6 +123,35 @@ def test_score_mlp_learns_edge_fractions():
     assert final < 0.5 * targets.var().item()
 
 
+def test_drop_path_grows_in_the_order_blocks_run():
+    """Left stages 1..4, then right stages 3, 2, 1: the last block to run drops the most."""
+    enc = build_encoder("dups_tiny", drop_path=0.3)
+    run = [enc.left[i] for i in range(4)] + [enc.right[i] for i in (2, 1, 0)]
+    rates = [block.drop_path.p for stage in run for block in stage]
+    assert len(rates) == sum(ENCODERS["dups_tiny"].depths_left) + sum(ENCODERS["dups_tiny"].depths_right)
+    assert rates == sorted(rates) and rates[0] == 0.0 and rates[-1] == pytest.approx(0.3)
+    assert enc.right[0][-1].drop_path.p == pytest.approx(0.3)  # right stage 1 runs last
+
+
+def test_stage1_attention_switch():
+    """Global (default) and windowed stage 1 share their weights; on a grid wider than the
+    window the results differ, and the window's equal the global ones where it covers all."""
+    torch.manual_seed(0)
+    glob = build_encoder("dups_demo").eval()
+    window = build_encoder("dups_demo", stage1_attention="window", grid_kernel=3).eval()
+    window.load_state_dict(glob.state_dict())
+    images = torch.randn(1, 3, 128, 160)
+    policy = RatioPolicy("full")
+    with torch.no_grad():
+        assert not torch.allclose(glob(images, policy).levels[-1].features,
+                                  window(images, policy).levels[-1].features)
+        small = torch.randn(1, 3, 96, 96)  # 3 x 3 tokens: the 3 x 3 window is global
+        torch.testing.assert_close(glob(small, policy).levels[-1].features,
+                                   window(small, policy).levels[-1].features, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="stage1_attention"):
+        build_encoder("dups_demo", stage1_attention="local")
+
+
 def test_image_data_switch():
     enc = build_encoder("dups_demo", image_data=False)
     assert not hasattr(enc.upsample[0], "image_proj")
