@@ -112,7 +112,7 @@ class EvalConfig:
     flip: bool = False
     scales: tuple[int, ...] = (256, 384, 512, 640, 768, 896)  # short sides (App. A)
     sliding_window: bool = False  # Cityscapes: overlapping crop-size windows
-    window_stride: int = 0  # 0 = as many windows as needed, evenly spread
+    window_stride: int = 0  # Cityscapes: 768 (SegFormer); 0 = as few windows as cover, evenly spread
 
 
 @dataclass

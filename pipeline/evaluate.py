@@ -114,18 +114,26 @@ def _probs(model: DUPSSegmentor, image: torch.Tensor, policy: RatioPolicy, size,
     return semantic_probabilities(out.final, (h, w))[..., : size[0], : size[1]], out
 
 
+def window_starts(length: int, window: int, stride: int = 0) -> list[int]:
+    """Where the windows along one side begin. ``stride``: mmseg's slide inference, which
+    SegFormer's Cityscapes evaluation uses (1024 windows, stride 768: a 2048-wide image gets
+    three, at 0, 768 and 1024); 0: as few windows as cover the side, evenly spread."""
+    if length <= window:
+        return [0]
+    if stride:
+        n = (length - window + stride - 1) // stride + 1
+        return [min(i * stride, length - window) for i in range(n)]
+    n = math.ceil(length / window)
+    return [round(i * (length - window) / (n - 1)) for i in range(n)]
+
+
 def sliding_window(model, image, policy, size, window: int, stride: int = 0):
-    """Overlapping window x window crops (as few as cover the image, evenly spread, unless
-    ``stride``), probabilities averaged where they overlap."""
+    """Overlapping window x window crops (``window_starts``), probabilities averaged where
+    they overlap."""
     h, w = size
-    def starts(length):
-        if length <= window:
-            return [0]
-        n = math.ceil((length - window) / stride) + 1 if stride else math.ceil(length / window)
-        return [round(i * (length - window) / (n - 1)) for i in range(n)] if n > 1 else [0]
     total, count, out = None, torch.zeros(h, w, device=image.device), None
-    for top in starts(h):
-        for left in starts(w):
+    for top in window_starts(h, window, stride):
+        for left in window_starts(w, window, stride):
             crop = image[..., top:top + window, left:left + window]
             ch, cw = min(window, h - top), min(window, w - left)
             crop = F.pad(crop, (0, -crop.shape[-1] % 32, 0, -crop.shape[-2] % 32))

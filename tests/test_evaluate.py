@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model import RatioPolicy
+from model.edges import edge_scores
 from model.segmentor import build_segmentor
 from pipeline.config import EvalConfig
 from pipeline.evaluate import (_probs, confusion, evaluate, iou_from_confusion, multi_scale,
@@ -53,6 +54,27 @@ def test_one_window_and_one_scale_equal_single_scale():
     assert probs.shape == (1, 5, 128, 192) and torch.isfinite(probs).all()
     left, _ = _probs(model, wide[..., :128], policy, (128, 128))
     torch.testing.assert_close(probs[..., :64], left[..., :64])  # only the first window there
+
+
+def test_cityscapes_windows_are_segformers_three_and_their_flops_count():
+    from pipeline.config import load_config
+    from pipeline.evaluate import window_starts
+    cfg = load_config("finetune_cityscapes_tiny")
+    assert window_starts(2048, cfg.data.crop, cfg.eval.window_stride) == [0, 768, 1024]
+    assert window_starts(1024, cfg.data.crop, cfg.eval.window_stride) == [0]
+    assert window_starts(2048, 1024) == [0, 1024]  # stride 0: as few as cover
+    # the same at 1/8 scale: three windows cost three single windows' FLOPs
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", num_classes=5)
+    label = torch.zeros(128, 256, dtype=torch.long)
+    sample = {"image": torch.randn(3, 128, 256), "label": label, "size": (128, 256),
+              "scores": edge_scores(label), "key": "0"}
+    full = RatioPolicy("full")
+    three = evaluate(model, [sample], 5, full, EvalConfig(sliding_window=True, window_stride=96),
+                     128, torch.device("cpu"))
+    one = evaluate(model, [{**sample, "image": sample["image"][..., :128], "size": (128, 128),
+                            "label": label[:, :128]}], 5, full, EvalConfig(), 128, torch.device("cpu"))
+    assert three.gflops_mean == pytest.approx(3 * one.gflops_mean, rel=1e-3)
 
 
 def test_evaluate_reports_flops_tokens_and_pictures():
