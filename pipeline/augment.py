@@ -121,8 +121,13 @@ def eval_segmentation(sample: dict, short_side: int) -> dict:
             "size": (h, w), "key": sample["__key__"]}
 
 
-def train_classification(sample: dict, size: int, rng: np.random.Generator) -> dict:
-    """RandomResizedCrop (area 0.08..1, ratio 3/4..4/3) and a horizontal flip."""
+def train_classification(sample: dict, size: int, rng: np.random.Generator, rand_augment: str = "",
+                         random_erasing: float = 0.0) -> dict:
+    """RandomResizedCrop (area 0.08..1, ratio 3/4..4/3), a horizontal flip, then optionally
+    RandAugment (timm's notation, ``classification_aug.parse_rand_augment``) and random
+    erasing with probability ``random_erasing``."""
+    from .classification_aug import parse_rand_augment, rand_augment as apply_rand_augment, random_erasing as erase
+
     image = decode_image(sample["img"])
     h, w = image.shape[:2]
     for _ in range(10):
@@ -138,8 +143,12 @@ def train_classification(sample: dict, size: int, rng: np.random.Generator) -> d
     image, _ = resize(image[top:top + ch, left:left + cw], None, size, size)
     if rng.random() < 0.5:
         image = image[:, ::-1]
-    return {"image": normalise(np.ascontiguousarray(image)), "label": torch.tensor(int(sample["cls"])),
-            "key": sample["__key__"]}
+    if rand_augment:
+        image = apply_rand_augment(np.ascontiguousarray(image), rng, **parse_rand_augment(rand_augment))
+    tensor = normalise(np.ascontiguousarray(image))
+    if random_erasing > 0:
+        tensor = erase(tensor, rng, random_erasing)
+    return {"image": tensor, "label": torch.tensor(int(sample["cls"])), "key": sample["__key__"]}
 
 
 def eval_classification(sample: dict, size: int) -> dict:

@@ -38,6 +38,12 @@ class DataConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     photometric: bool = True
     eval_short_side: int = 512  # 0 = full size (Cityscapes)
+    # Classification (pre-training) regularisation, all off unless set (pipeline/classification_aug.py):
+    rand_augment: str = ""  # timm's notation, e.g. "rand-m9-mstd0.5-inc1"
+    random_erasing: float = 0.0  # probability per image
+    mixup: float = 0.0  # Beta alpha (0 = off)
+    cutmix: float = 0.0  # Beta alpha (0 = off)
+    mix_switch_prob: float = 0.5  # CutMix instead of Mixup, when both are on
     max_eval_images: int = 0  # 0 = all
 
 
@@ -68,6 +74,7 @@ class UpsamplingConfig:
 @dataclass
 class TrainConfig:
     task: str = "finetune"  # or "pretrain"
+    label_smoothing: float = 0.0  # classification targets (pre-training)
     iters: int = 80000
     log_every: int = 20
     eval_every: int = 5000

@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from model.classifier import build_classifier, load_backbone
 from model.criterion import CriterionConfig, SegmentationCriterion
@@ -29,6 +28,7 @@ from model.segmentor import build_segmentor, oracle_maps
 
 from . import augment
 from .checkpoints import join, local_copy, model_state, tag_of
+from .classification_aug import mix_batch, soft_cross_entropy
 from .config import Config
 from .credentials import redact_tree
 from .data import EvalStream, load_manifest, shards_of, train_loader
@@ -171,7 +171,7 @@ class Trainer:
     def _train_transform(self):
         d = self.cfg.data
         if self.pretrain:
-            return _ClassificationTransform(d.image_size)
+            return _ClassificationTransform(d.image_size, d.rand_augment, d.random_erasing)
         return _SegmentationTransform(d.crop, d.scale_range, d.photometric)
 
     # --- checkpoints -------------------------------------------------------------------
@@ -216,7 +216,11 @@ class Trainer:
         labels = batch["label"].to(self.device)
         if self.pretrain:
             self.model.set_progress(self.step / cfg.train.iters)
-            loss = F.cross_entropy(self.engine(images).float(), labels)
+            d = cfg.data  # Mixup / CutMix draws replay on resume: seeded by (seed, step, rank)
+            mixing = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + self.step * 1009 + self.rank)
+            images, targets = mix_batch(images, labels, cfg.model.num_classes, mixing, d.mixup, d.cutmix,
+                                        d.mix_switch_prob, cfg.train.label_smoothing)
+            loss = soft_cross_entropy(self.engine(images), targets)
             terms = {"loss": loss}
         else:
             oracle = oracle_maps(batch["label"], cfg.upsampling.oracle_rate, self.oracle_gen)
@@ -362,11 +366,11 @@ class _SegmentationTransform:
 
 
 class _ClassificationTransform:
-    def __init__(self, size):
-        self.size = size
+    def __init__(self, size, rand_augment: str = "", random_erasing: float = 0.0):
+        self.size, self.rand_augment, self.random_erasing = size, rand_augment, random_erasing
 
     def __call__(self, sample, rng):
-        return augment.train_classification(sample, self.size, rng)
+        return augment.train_classification(sample, self.size, rng, self.rand_augment, self.random_erasing)
 
 
 class _SegmentationEval:
