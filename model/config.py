@@ -29,6 +29,8 @@ class EncoderConfig:
     score_norm: bool = False  # LayerNorm on the score MLP's input
     score_sigmoid: bool = False  # predictions through a sigmoid (in [0, 1], as the targets)
     child_norm: bool = False  # LayerNorm on the children's image-data branch
+    # Sinusoidal centre embeddings (not in the paper) on the stem's and the children's tokens
+    centre_embedding: bool = True
     unet: bool = True  # Table 5 "No U-Net": no descending path
     drop_path: float = 0.1
     attention_backend: str = "auto"
@@ -90,6 +92,7 @@ class DecoderConfig:
     heads: int = 8
     ffn: int = 2048
     mask_dim: int = 256
+    centre_embedding: bool = True  # sinusoidal centre embedding of the pixel decoder's tokens (not in the paper)
 
 
 DECODERS: dict[str, DecoderConfig] = {

@@ -88,11 +88,11 @@ class DUPSEncoder(nn.Module):
 
         self.stem = nn.Conv2d(3, d[0], kernel_size=32, stride=32)
         self.stem_norm = nn.LayerNorm(d[0])
-        self.stem_pos = CentreEmbedding(d[0])
+        self.stem_pos = CentreEmbedding(d[0]) if cfg.centre_embedding else None
         self.left = nn.ModuleList(stage("left", i) for i in range(4))
         self.upsample = nn.ModuleList(
             UpsamplingBlock(d[i], STAGE_PATCH_SIZES[i], cfg.image_data, cfg.score_norm,
-                            cfg.score_sigmoid, cfg.child_norm) for i in range(3))
+                            cfg.score_sigmoid, cfg.child_norm, cfg.centre_embedding) for i in range(3))
         self.widen_up = nn.ModuleList(projection(d[i], d[i + 1]) for i in range(3))
         if cfg.unet:
             self.right = nn.ModuleList(stage("right", i) for i in range(3))
@@ -128,7 +128,9 @@ class DUPSEncoder(nn.Module):
         b, _, h, w = images.shape
         x = self.stem(images).flatten(2).transpose(1, 2)
         centres = grid_centres(h, w, 32, images.device).expand(b, -1, -1)
-        x = self.stem_norm(x) + self.stem_pos(centres).to(x.dtype)
+        x = self.stem_norm(x)
+        if self.stem_pos is not None:
+            x = x + self.stem_pos(centres).to(x.dtype)
         tokens = TokenSet(x, centres, torch.zeros(b, x.shape[1], dtype=torch.long,
                                                   device=x.device), [x.shape[1]])
         nbhds: list[Neighbourhood] = []

@@ -58,7 +58,8 @@ class UpsamplingBlock(nn.Module):
     """Scores the finest tokens of a set of width ``dim`` and splits the top K of them."""
 
     def __init__(self, dim: int, parent_patch: int, image_data: bool = True,
-                 score_norm: bool = False, score_sigmoid: bool = False, child_norm: bool = False):
+                 score_norm: bool = False, score_sigmoid: bool = False, child_norm: bool = False,
+                 centre_embedding: bool = True):
         super().__init__()
         self.parent_patch = parent_patch
         self.child_patch = parent_patch // 2
@@ -67,7 +68,7 @@ class UpsamplingBlock(nn.Module):
         self.score_sigmoid = score_sigmoid
         self.scale_embed = LearnedTensor(dim)
         self.subpatch_embed = LearnedTensor(4, dim)
-        self.pos_embed = CentreEmbedding(dim)
+        self.pos_embed = CentreEmbedding(dim) if centre_embedding else None
         self.image_data = image_data
         if image_data:
             self.image_proj = nn.Linear(3 * self.child_patch ** 2, dim)
@@ -111,7 +112,9 @@ class UpsamplingBlock(nn.Module):
         centres = (parent_centres[:, :, None] + child_offsets(self.parent_patch, cand.device))
         centres = centres.reshape(b, 4 * k, 2)
         feats = parents[:, :, None] + self.subpatch_embed() + self.scale_embed()  # (B, K, 4, d)
-        feats = feats.reshape(b, 4 * k, d) + self.pos_embed(centres).to(feats.dtype)
+        feats = feats.reshape(b, 4 * k, d)
+        if self.pos_embed is not None:
+            feats = feats + self.pos_embed(centres).to(feats.dtype)
         if self.image_data:
             p = self.child_patch
             pixels = image_patches(images, p)

@@ -157,3 +157,14 @@ def test_oracle_scores_choose_the_tokens():
         # the chosen tokens are the k with the largest ground-truth scores
         assert torch.equal(chosen.sort(1).values, truth.topk(k, 1).values.sort(1).values)
         assert rec.scores is not None  # the predictions are still made (and get their loss)
+
+
+def test_centre_embeddings_switch_off_everywhere():
+    """The sinusoidal centre embeddings (not in the paper) are one switch per module group."""
+    from model.upsampling import CentreEmbedding
+    on = build_segmentor("dups_demo", 5)
+    off = build_segmentor("dups_demo", 5, {"centre_embedding": False}, {"centre_embedding": False})
+    assert sum(isinstance(m, CentreEmbedding) for m in on.modules()) == 5  # stem, 3 blocks, pixel decoder
+    assert not any(isinstance(m, CentreEmbedding) for m in off.modules())
+    out = off(torch.randn(1, 3, 64, 96), RatioPolicy("full"))
+    assert out.final.masks.shape[-2:] == (16, 24)

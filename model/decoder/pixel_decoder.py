@@ -35,13 +35,13 @@ def _proj(dim_in: int, dim: int) -> nn.Sequential:
 class PointPixelDecoder(nn.Module):
     def __init__(self, in_dims: tuple[int, int, int, int], dim: int = 256, layers: int = 6,
                  heads: int = 8, mlp_ratio: float = 4.0, mask_dim: int = 256,
-                 cluster_size: int = 8, nbhd_size: int = 48):
+                 cluster_size: int = 8, nbhd_size: int = 48, centre_embedding: bool = True):
         """``in_dims``: encoder widths of the levels with patch 4, 8, 16, 32."""
         super().__init__()
         self.cluster_size, self.nbhd_size = cluster_size, nbhd_size
         self.input_proj = nn.ModuleList(_proj(in_dims[i], dim) for i in (1, 2, 3))
         self.level_embed = LearnedTensor(3, dim)
-        self.pos = CentreEmbedding(dim)
+        self.pos = CentreEmbedding(dim) if centre_embedding else None
         self.layers = Stage(Block(dim, heads, mlp_ratio, 0.0) for _ in range(layers))
         self.lateral = _proj(in_dims[0], dim)
         self.fuse = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU())
@@ -57,7 +57,8 @@ class PointPixelDecoder(nn.Module):
         coarse_centres = [lv.centres for lv in coarse]
         coarse_patches = [lv.patch for lv in coarse]
         centres = torch.cat(coarse_centres, 1)
-        x = x + self.pos(centres).to(x.dtype)
+        if self.pos is not None:
+            x = x + self.pos(centres).to(x.dtype)
         nbhd = cluster_neighbourhood(centres, float(coarse_patches[-1]), self.cluster_size,
                                      self.nbhd_size, (height, width))
         x = self.layers(x, nbhd)
