@@ -25,10 +25,13 @@ class EncoderConfig:
     stage1_attention: str = "global"
     grid_kernel: int = 7  # natten window on the stage-1 grid (7 x 7 = 49 keys)
     image_data: bool = True  # Table 5 "No aux data" turns it off
-    # Score heads and children (not specified by the paper; see model/upsampling.py):
-    score_norm: bool = False  # LayerNorm on the score MLP's input
-    score_sigmoid: bool = False  # predictions through a sigmoid (in [0, 1], as the targets)
-    child_norm: bool = False  # LayerNorm on the children's image-data branch
+    # Score heads and children (the paper does not specify them; BENCHMARKS.md section 1b
+    # measured these defaults): LayerNorm on the score MLP's input; predictions through a
+    # sigmoid (in [0, 1], as the targets); LayerNorm on the children's image-data branch, so
+    # children are not near-copies of their parent that the next head cannot tell apart.
+    score_norm: bool = True
+    score_sigmoid: bool = False
+    child_norm: bool = True
     # Sinusoidal centre embeddings (not in the paper) on the stem's and the children's tokens
     centre_embedding: bool = True
     unet: bool = True  # Table 5 "No U-Net": no descending path

@@ -31,7 +31,7 @@ class CriterionConfig:
     num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
-    score_weight: float = 1.0
+    score_weight: float = 1000.0  # see pipeline.config.UpsamplingConfig
     deep_supervision: bool = True
     ignore_index: int = 255
 

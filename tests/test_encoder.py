@@ -83,7 +83,8 @@ def test_per_image_policy_gives_each_image_its_own_count(demo):
 
 
 def synthetic_batch(n, size=128, seed=0):
-    """Rectangles of 4 classes on a background; each class has its own colour, plus noise."""
+    """Rectangles of 4 classes on a background; each class has its own colour (the same for
+    every seed), plus noise."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.zeros(n, size, size, dtype=torch.long)
     for i in range(n):
@@ -91,7 +92,7 @@ def synthetic_batch(n, size=128, seed=0):
             y0, x0 = torch.randint(0, size - 20, (2,), generator=g).tolist()
             hh, ww = torch.randint(8, 60, (2,), generator=g).tolist()
             labels[i, y0:y0 + hh, x0:x0 + ww] = int(torch.randint(1, 5, (1,), generator=g))
-    palette = torch.rand(5, 3, generator=g) * 2 - 1
+    palette = torch.rand(5, 3, generator=torch.Generator().manual_seed(1000)) * 2 - 1
     images = palette[labels].permute(0, 3, 1, 2) + 0.1 * torch.randn(n, 3, size, size, generator=g)
     return images, labels
 
@@ -118,9 +119,19 @@ def test_score_mlp_learns_edge_fractions():
         loss.backward()
         opt.step()
     final = score_loss().item()
-    assert final < 0.3 * first.item()
+    assert final < 0.5 * first.item()
     # better than the best constant guess: it has learnt where the edges are
-    assert final < 0.5 * targets.var().item()
+    assert final < 0.5 * targets.var().item(), (final, targets.var().item())
+    # and it ranks edge tokens above flat ones in every block (held-out scenes)
+    from pipeline.evaluate import _head_quality
+    images, labels = synthetic_batch(8, seed=1)
+    maps = edge_scores(labels)
+    with torch.no_grad():
+        records = enc.eval()(images, policy).records
+    pairs = [[(r.scores[i].numpy(), token_targets(maps[r.patch], r.centres, r.patch)[i].numpy())
+              for r in records] for i in range(len(images))]
+    auc = _head_quality(pairs, policy.tau)["score_auc"]
+    assert min(auc) > 0.75, auc
 
 
 def test_drop_path_grows_in_the_order_blocks_run():
