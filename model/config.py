@@ -32,8 +32,9 @@ class EncoderConfig:
     score_norm: bool = True
     score_sigmoid: bool = False
     child_norm: bool = True
-    # Sinusoidal centre embeddings (not in the paper) on the stem's and the children's tokens
-    centre_embedding: bool = True
+    # Sinusoidal centre embeddings (not in the paper) on the stem's and the children's tokens:
+    # off, as measured (BENCHMARKS.md section 1b: no gain; attention has its position bias)
+    centre_embedding: bool = False
     unet: bool = True  # Table 5 "No U-Net": no descending path
     drop_path: float = 0.1
     attention_backend: str = "auto"
@@ -95,7 +96,7 @@ class DecoderConfig:
     heads: int = 8
     ffn: int = 2048
     mask_dim: int = 256
-    centre_embedding: bool = True  # sinusoidal centre embedding of the pixel decoder's tokens (not in the paper)
+    centre_embedding: bool = False  # sinusoidal centre embedding of the pixel decoder's tokens (not in the paper; off as measured)
 
 
 DECODERS: dict[str, DecoderConfig] = {

@@ -91,3 +91,23 @@ def test_backbone_compares_the_policies_with_full():
     for cols in rows.values():  # GFLOPs, x full, ms, x full, tokens per stage
         assert float(cols[1]) == pytest.approx(float(cols[0]) / float(rows["full"][0]), abs=2e-3)
     assert "adds 0.06 GFLOPs per image" in out  # 100 queries x 150 classes x 64 x 64
+
+
+@pytest.mark.timeout(320)
+def test_stage1_compares_global_with_window_attention():
+    out = run_script("benchmarks/stage1.py", "--model", "dups_demo", "--image-size", "320", "--repeats", "1")
+    rows = {line.split()[2]: line.split() for line in out.splitlines() if line.startswith("stage 1")}
+    assert list(rows) == ["global", "window"]
+    assert rows["global"][4] == rows["window"][4]  # the same parameters
+    # a 10 x 10 grid: 100 keys per query globally against a 7 x 7 window's 49
+    assert float(rows["global"][7]) > float(rows["window"][7])
+
+
+@pytest.mark.timeout(320)
+def test_score_heads_trains_and_compares_variants(tmp_path):
+    out = run_script("benchmarks/score_heads.py", "--iters", "2", "--train", "4", "--heldout", "2",
+                     "--out", str(tmp_path), "a=", "b=upsampling.score_weight=1")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("a ", "b "))]
+    assert [r[0] for r in rows] == ["a", "b"]
+    assert all(float(r[1]) <= 1 and len(r) == 19 for r in rows), rows  # AUC of block 1 ...
+    assert "2 held-out scenes" in out

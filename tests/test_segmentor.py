@@ -162,8 +162,8 @@ def test_oracle_scores_choose_the_tokens():
 def test_centre_embeddings_switch_off_everywhere():
     """The sinusoidal centre embeddings (not in the paper) are one switch per module group."""
     from model.upsampling import CentreEmbedding
-    on = build_segmentor("dups_demo", 5)
-    off = build_segmentor("dups_demo", 5, {"centre_embedding": False}, {"centre_embedding": False})
+    on = build_segmentor("dups_demo", 5, {"centre_embedding": True}, {"centre_embedding": True})
+    off = build_segmentor("dups_demo", 5)  # the default
     assert sum(isinstance(m, CentreEmbedding) for m in on.modules()) == 5  # stem, 3 blocks, pixel decoder
     assert not any(isinstance(m, CentreEmbedding) for m in off.modules())
     out = off(torch.randn(1, 3, 64, 96), RatioPolicy("full"))
