@@ -89,7 +89,9 @@ def test_backbone_compares_the_policies_with_full():
     assert list(rows) == ["full", "fixed beta (ade20k)", "dynamic (oracle)", "random 50%"]
     assert rows["full"][1] == "1.000" and rows["full"][3] == "1.000"
     for cols in rows.values():  # GFLOPs, x full, ms, x full, tokens per stage
-        assert float(cols[1]) == pytest.approx(float(cols[0]) / float(rows["full"][0]), abs=2e-3)
+        # GFLOPs are printed to 2 decimals: the ratio of two printed figures is that exact only so far
+        err = 5e-3 * (1 + float(cols[1])) / float(rows["full"][0])
+        assert float(cols[1]) == pytest.approx(float(cols[0]) / float(rows["full"][0]), abs=err + 5e-4)
     assert "adds 0.06 GFLOPs per image" in out  # 100 queries x 150 classes x 64 x 64
 
 
@@ -109,5 +111,6 @@ def test_score_heads_trains_and_compares_variants(tmp_path):
                      "--out", str(tmp_path), "a=", "b=upsampling.score_weight=1")
     rows = [line.split() for line in out.splitlines() if line.startswith(("a ", "b "))]
     assert [r[0] for r in rows] == ["a", "b"]
-    assert all(float(r[1]) <= 1 and len(r) == 19 for r in rows), rows  # AUC of block 1 ...
+    # name, AUC and flat kept per block, 3 mIoU, 2 ratios, split and edge recall per block
+    assert all(len(r) == 26 and 0 <= float(r[1]) <= 1 and float(r[14]) <= 1.05 for r in rows), rows
     assert "2 held-out scenes" in out
