@@ -108,9 +108,10 @@ def test_stage1_compares_global_with_window_attention():
 @pytest.mark.timeout(320)
 def test_score_heads_trains_and_compares_variants(tmp_path):
     out = run_script("benchmarks/score_heads.py", "--iters", "2", "--train", "4", "--heldout", "2",
-                     "--out", str(tmp_path), "a=", "b=upsampling.score_weight=1")
+                     "--out", str(tmp_path), "--probe", "2", "a=", "b=upsampling.score_weight=1")
     rows = [line.split() for line in out.splitlines() if line.startswith(("a ", "b "))]
-    assert [r[0] for r in rows] == ["a", "b"]
+    assert [r[0] for r in rows] == ["a", "a", "b", "b"] and [r[1] for r in rows[1::2]] == ["probed"] * 2
+    rows = [r for r in rows if r[1] != "probed"]
     # name, AUC and flat kept per block, 3 mIoU, 2 ratios, split and edge recall per block
     assert all(len(r) == 26 and 0 <= float(r[1]) <= 1 and float(r[14]) <= 1.05 for r in rows), rows
     assert "2 held-out scenes" in out
