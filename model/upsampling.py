@@ -58,8 +58,9 @@ class UpsamplingBlock(nn.Module):
     """Scores the finest tokens of a set of width ``dim`` and splits the top K of them."""
 
     def __init__(self, dim: int, parent_patch: int, image_data: bool = True,
-                 score_norm: bool = False, score_sigmoid: bool = False, child_norm: bool = False,
-                 centre_embedding: bool = True):
+                 score_norm: bool = True, score_sigmoid: bool = False, child_norm: bool = True,
+                 centre_embedding: bool = False):
+        """The switches default as ``EncoderConfig``'s do."""
         super().__init__()
         self.parent_patch = parent_patch
         self.child_patch = parent_patch // 2

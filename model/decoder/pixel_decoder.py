@@ -35,8 +35,9 @@ def _proj(dim_in: int, dim: int) -> nn.Sequential:
 class PointPixelDecoder(nn.Module):
     def __init__(self, in_dims: tuple[int, int, int, int], dim: int = 256, layers: int = 6,
                  heads: int = 8, mlp_ratio: float = 4.0, mask_dim: int = 256,
-                 cluster_size: int = 8, nbhd_size: int = 48, centre_embedding: bool = True):
-        """``in_dims``: encoder widths of the levels with patch 4, 8, 16, 32."""
+                 cluster_size: int = 8, nbhd_size: int = 48, centre_embedding: bool = False):
+        """``in_dims``: encoder widths of the levels with patch 4, 8, 16, 32; the defaults are
+        ``DecoderConfig``'s."""
         super().__init__()
         self.cluster_size, self.nbhd_size = cluster_size, nbhd_size
         self.input_proj = nn.ModuleList(_proj(in_dims[i], dim) for i in (1, 2, 3))
