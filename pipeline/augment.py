@@ -18,6 +18,8 @@ from PIL import Image
 
 from model.edges import SCORE_SCALES, edge_scores
 
+from . import classification_aug
+
 MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)  # ImageNet, RGB, 0..255
 STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 IGNORE = 255
@@ -121,13 +123,11 @@ def eval_segmentation(sample: dict, short_side: int) -> dict:
             "size": (h, w), "key": sample["__key__"]}
 
 
-def train_classification(sample: dict, size: int, rng: np.random.Generator, rand_augment: str = "",
+def train_classification(sample: dict, size: int, rng: np.random.Generator, rand_augment: dict | None = None,
                          random_erasing: float = 0.0) -> dict:
     """RandomResizedCrop (area 0.08..1, ratio 3/4..4/3), a horizontal flip, then optionally
-    RandAugment (timm's notation, ``classification_aug.parse_rand_augment``) and random
-    erasing with probability ``random_erasing``."""
-    from .classification_aug import parse_rand_augment, rand_augment as apply_rand_augment, random_erasing as erase
-
+    RandAugment (``rand_augment``: its keywords, ``classification_aug.parse_rand_augment`` of
+    timm's notation) and random erasing with probability ``random_erasing``."""
     image = decode_image(sample["img"])
     h, w = image.shape[:2]
     for _ in range(10):
@@ -144,10 +144,10 @@ def train_classification(sample: dict, size: int, rng: np.random.Generator, rand
     if rng.random() < 0.5:
         image = image[:, ::-1]
     if rand_augment:
-        image = apply_rand_augment(np.ascontiguousarray(image), rng, **parse_rand_augment(rand_augment))
+        image = classification_aug.rand_augment(np.ascontiguousarray(image), rng, **rand_augment)
     tensor = normalise(np.ascontiguousarray(image))
     if random_erasing > 0:
-        tensor = erase(tensor, rng, random_erasing)
+        tensor = classification_aug.random_erasing(tensor, rng, random_erasing)
     return {"image": tensor, "label": torch.tensor(int(sample["cls"])), "key": sample["__key__"]}
 
 

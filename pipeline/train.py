@@ -28,7 +28,7 @@ from model.segmentor import build_segmentor, oracle_maps
 
 from . import augment
 from .checkpoints import join, local_copy, model_state, tag_of
-from .classification_aug import mix_batch, soft_cross_entropy
+from .classification_aug import mix_batch, parse_rand_augment, soft_cross_entropy
 from .config import Config
 from .credentials import redact_tree
 from .data import EvalStream, load_manifest, shards_of, train_loader
@@ -367,7 +367,9 @@ class _SegmentationTransform:
 
 class _ClassificationTransform:
     def __init__(self, size, rand_augment: str = "", random_erasing: float = 0.0):
-        self.size, self.rand_augment, self.random_erasing = size, rand_augment, random_erasing
+        # parsed once here: a bad data.rand_augment fails at start-up, not in a loader worker
+        self.size, self.random_erasing = size, random_erasing
+        self.rand_augment = parse_rand_augment(rand_augment) if rand_augment else None
 
     def __call__(self, sample, rng):
         return augment.train_classification(sample, self.size, rng, self.rand_augment, self.random_erasing)
