@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from model.config import ENCODERS
@@ -64,7 +65,6 @@ def _train(args: argparse.Namespace) -> int:
         resume = args.resume or cfg.train.output
     if cfg.launch.launcher == "local":
         from cluster.launch import train_local
-
         from pipeline.engine import shutdown
 
         try:
@@ -212,8 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options anywhere, as people type them (``dups eval demo --checkpoint C key=value``).
+
+    Plain argparse stops filling a positional list at the first option, so each subcommand
+    is parsed intermixed; ``submit`` keeps its ``-- command`` tail verbatim."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if not argv or argv[0] not in subparsers.choices or argv[0] == "submit":
+        return parser.parse_args(argv)
+    args = subparsers.choices[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    resume = getattr(args, "resume", None)
+    if resume and _OVERRIDE.match(resume):  # `--resume key=value`: a bare --resume, then an override
+        args.overrides = [resume, *args.overrides]
+        args.resume = ""
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ConnectionError) as err:  # bad input: one clear line

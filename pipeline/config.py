@@ -1,8 +1,10 @@
 """Typed experiment configs: YAML files under ``configs/`` plus ``key=value`` overrides.
 
-Defaults are the paper's fine-tuning recipe (Sec. 4.2, App. A). Every problem (unknown key,
-wrong type, missing file) is one ``ConfigError`` that names the key or path, raised before
-anything starts.
+Defaults are the paper's fine-tuning recipe (Sec. 4.2, App. A). A file may start from others
+with ``_base_: path`` (or a list of paths, relative to the file; later ones win, the file
+itself wins over all), as mmsegmentation configs do; mappings merge key by key. Every problem
+(unknown key, wrong type, missing file) is one ``ConfigError`` that names the key and the file
+(or override) it came from, raised before anything starts.
 """
 from __future__ import annotations
 
@@ -180,26 +182,33 @@ def _coerce(value, tp, key: str, where: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str, where: str):
+def _build(cls, data: dict, prefix: str, origin: dict[str, str]):
+    def where(key: str) -> str:  # the file (or override) that set this key or its section
+        while key and key not in origin:
+            key = key.rpartition(".")[0]
+        return origin.get(key, origin[""])
+
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}")
+        name = prefix.rstrip(".")
+        raise ConfigError(f"{where(name)}: {name or 'the config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for key in data:
         if key not in known:
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}' (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{where(prefix + key)}: unknown key '{prefix}{key}' "
+                              f"(known: {', '.join(sorted(known))})")
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
             continue
-        tp = hints[f.name]
+        tp, key = hints[f.name], prefix + f.name
         if is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name], f"{prefix}{f.name}.", where)
+            kwargs[f.name] = _build(tp, data[f.name], key + ".", origin)
         else:
-            kwargs[f.name] = _coerce(data[f.name], tp, prefix + f.name, where)
-            allowed = CHOICES.get(prefix + f.name)
+            kwargs[f.name] = _coerce(data[f.name], tp, key, where(key))
+            allowed = CHOICES.get(key)
             if allowed and kwargs[f.name] not in allowed:
-                raise ConfigError(f"{where}: {prefix}{f.name} must be one of {allowed}, got {kwargs[f.name]!r}")
+                raise ConfigError(f"{where(key)}: {key} must be one of {allowed}, got {kwargs[f.name]!r}")
     return cls(**kwargs)
 
 
@@ -213,26 +222,74 @@ def _set(tree: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _merge(into: dict, data: dict, origin: dict[str, str], where: str, prefix: str = "") -> None:
+    """``data`` over ``into`` key by key (mappings recursively); ``origin`` records, for each
+    dotted key, the file that set it last."""
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        for stale in [k for k in origin if k.startswith(dotted + ".")] if not isinstance(value, dict) else []:
+            del origin[stale]
+        if isinstance(value, dict):
+            if not isinstance(into.get(key), dict):
+                into[key] = {}
+            _merge(into[key], value, origin, where, dotted + ".")
+        else:
+            into[key] = value
+        origin[dotted] = where
+
+
+def _read(path: Path, shown: str, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+    """One YAML file with its ``_base_`` files merged under it: (tree, origin of each key)."""
+    if path.resolve() in chain:
+        raise ConfigError(f"{shown}: _base_ loops back to itself ({' -> '.join(str(p) for p in chain)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{shown}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{shown}: a config must be a mapping, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    tree: dict = {}
+    origin: dict[str, str] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = path.parent / base
+        if not isinstance(base, str) or not base_path.is_file():
+            raise ConfigError(f"{shown}: _base_ file not found: {base}")
+        base_tree, base_origin = _read(base_path, str(base_path), chain + (path.resolve(),))
+        _merge(tree, base_tree, origin, "")
+        origin.update(base_origin)
+    _merge(tree, data, origin, shown)
+    return tree, origin
+
+
+def config_file(path: str | Path) -> Path:
+    """A YAML path, or a name under ``configs/`` (``demo`` -> ``configs/demo.yaml``)."""
+    p = Path(path)
+    if not p.is_file() and not p.suffix:
+        p = CONFIG_DIR / f"{path}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return p
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """The YAML file (relative paths also tried under ``configs/``) with overrides applied."""
     data: dict = {}
-    where = "defaults"
+    origin = {"": "defaults"}
     if path:
-        p = Path(path)
-        if not p.is_file() and not p.suffix:
-            p = Path(__file__).resolve().parents[1] / "configs" / f"{path}.yaml"
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        where = str(path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{where}: not valid YAML ({err})") from err
+        data, origin = _read(config_file(path), str(path))
+        origin[""] = str(path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         _set(data, key.strip(), yaml.safe_load(raw))
+        for stale in [k for k in origin if k.startswith(key.strip() + ".")]:
+            del origin[stale]
+        origin[key.strip()] = f"override {item}"
     if "name" not in data and path:
         data["name"] = Path(path).stem
-    return _build(Config, data, "", where)
+    return _build(Config, data, "", origin)

@@ -8,7 +8,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from .credentials import redact, split_userinfo
+import yaml
+
+from .credentials import redact, redact_tree, split_userinfo
 
 SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
 
@@ -22,6 +24,13 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = redact(str(list(v) if isinstance(v, tuple) else v))[:6000]
     return {k: v for k, v in out.items() if not any(w in k.lower() for w in SECRET_WORDS)}
+
+
+def _without_secrets(tree):
+    """Tuples as lists (plain YAML) and no key that names a secret."""
+    if isinstance(tree, dict):
+        return {k: _without_secrets(v) for k, v in tree.items() if not any(w in k.lower() for w in SECRET_WORDS)}
+    return [_without_secrets(v) for v in tree] if isinstance(tree, (list, tuple)) else tree
 
 
 def git_revision() -> str:
@@ -52,7 +61,7 @@ def client_uri(uri: str = "") -> str:
     return uri
 
 
-def config_tracker(cfg, run_id: str | None = None, run_name: str = "", tags: dict | None = None) -> "Tracker":
+def config_tracker(cfg, run_id: str | None = None, run_name: str = "", tags: dict | None = None) -> Tracker:
     """The active tracker of a run of ``cfg`` (a pipeline Config): its store and experiment,
     the resolved config as params, the task and model as tags."""
     return Tracker(True, cfg.tracking.uri, cfg.tracking.experiment,
@@ -85,8 +94,10 @@ class Tracker:
             found = client.get_experiment_by_name(experiment)
             exp_id = found.experiment_id if found else client.create_experiment(experiment)
             mlflow.start_run(experiment_id=exp_id, run_name=run_name or None)
-            if params:
+            if params:  # searchable params, and the merged config (its _base_ files resolved) to read
                 mlflow.log_params(flatten(params))
+                mlflow.log_text(yaml.safe_dump(_without_secrets(redact_tree(params)), sort_keys=False),
+                                "config.yaml")
             mlflow.set_tags({"git_revision": git_revision(), **(tags or {})})
         self.run_id = mlflow.active_run().info.run_id
 

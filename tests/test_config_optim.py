@@ -43,6 +43,59 @@ def test_overrides_and_clear_errors(tmp_path):
         load_config(str(bad))
 
 
+def test_base_files_merge_key_by_key_and_errors_name_the_file(tmp_path):
+    (tmp_path / "_base_").mkdir()
+    (tmp_path / "_base_" / "recipe.yaml").write_text("optim:\n  lr: 0.5\n  warmup_iters: 7\ntrain:\n  iters: 9\n")
+    (tmp_path / "_base_" / "data.yaml").write_text("_base_: recipe.yaml\ndata:\n  crop: 64\noptim:\n  lr: 0.25\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_base_: [_base_/data.yaml]\noptim:\n  warmup_iters: 3\n")
+    cfg = load_config(str(child), ["train.iters=11"])
+    # each key from the nearest file that sets it, an override over all; untouched keys keep defaults
+    assert (cfg.optim.lr, cfg.optim.warmup_iters, cfg.data.crop, cfg.train.iters) == (0.25, 3, 64, 11)
+    assert cfg.optim.head_lr_mult == 10.0 and cfg.name == "child"
+
+    (tmp_path / "_base_" / "recipe.yaml").write_text("optim:\n  lrr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"_base_/recipe.yaml: unknown key 'optim.lrr'"):
+        load_config(str(child))
+    (tmp_path / "_base_" / "recipe.yaml").write_text("train:\n  iters: many\n")
+    with pytest.raises(ConfigError, match=r"_base_/recipe.yaml: train.iters must be int"):
+        load_config(str(child))
+    with pytest.raises(ConfigError, match=r"override optim.lr=slow: optim.lr must be float"):
+        load_config(str(child), ["optim.lr=slow"])
+    (tmp_path / "_base_" / "recipe.yaml").write_text("_base_: data.yaml\n")
+    with pytest.raises(ConfigError, match="_base_ loops back"):
+        load_config(str(child))
+    child.write_text("_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=f"{child}: _base_ file not found: nowhere.yaml"):
+        load_config(str(child))
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "demo"])
+def test_shipped_configs_are_a_few_lines_over_their_base(name):
+    text = (Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text()
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert lines[0].startswith("_base_: _base_/") and len(lines) <= 6
+
+
+def test_cli_takes_options_anywhere(capsys, tmp_path):
+    from cluster.cli import parse
+
+    for argv in (["eval", "demo", "--checkpoint", "C", "a.b=1", "c.d=2"],
+                 ["eval", "--checkpoint", "C", "demo", "a.b=1", "c.d=2"],
+                 ["eval", "demo", "a.b=1", "--checkpoint", "C", "c.d=2"]):
+        args = parse(argv)
+        assert (args.config, args.checkpoint, args.overrides) == ("demo", "C", ["a.b=1", "c.d=2"])
+    args = parse(["train", "demo", "--resume", "train.iters=5"])  # a bare --resume, then an override
+    assert (args.resume, args.overrides) == ("", ["train.iters=5"])
+    args = parse(["demo", "--iters", "3", "train.seed=1", "--workers", "1"])
+    assert (args.iters, args.workers, args.overrides) == (3, 1, ["train.seed=1"])
+    assert parse(["submit", "--follow", "--", "eval", "--checkpoint", "C"]).command_line[1:] == [
+        "eval", "--checkpoint", "C"]
+    # the override after the option reaches the config: its bad key is the error, not argparse's
+    assert cli_main(["eval", "demo", "--checkpoint", str(tmp_path), "optim.lrr=1"]) == 2
+    assert "unknown key 'optim.lrr'" in capsys.readouterr().err
+
+
 def test_cli_names_the_problem_before_starting(capsys, tmp_path):
     assert cli_main(["train", "demo", "data.train=" + str(tmp_path / "nothing")]) == 2
     assert "no manifest.json under" in capsys.readouterr().err
@@ -55,7 +108,7 @@ def test_param_groups_and_schedule():
     model = build_segmentor("dups_demo", num_classes=5)
     groups = {g["name"]: g for g in param_groups(model, cfg)}
     names = {id(p): n for n, p in model.named_parameters()}
-    of = lambda g: {names[id(p)] for p in groups[g]["params"]}  # noqa: E731
+    of = lambda g: {names[id(p)] for p in groups[g]["params"]}
     assert groups["backbone/decay"]["lr"] == 4e-5 and groups["head/decay"]["lr"] == 4e-4
     assert "encoder.upsample.0.score.0.weight" in of("head/decay")  # upsampling blocks: x10
     assert "decoder.class_head.weight" in of("head/decay")

@@ -3,9 +3,11 @@ exact resume, MLflow contents."""
 import math
 import multiprocessing as mp
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 import train_helpers as th
@@ -40,6 +42,9 @@ def test_resume_continues_exactly_and_logs_to_the_same_run(shards, tmp_path):
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # none counted twice
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(full.losses)
     assert run.data.params["model.name"] == "dups_demo" and run.data.params["optim.lr"] == "0.0001"
+    logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
+    assert logged["train"]["iters"] == 6 and logged["optim"]["lr"] == 0.0001  # the merged config
+    assert logged["data"]["scale_range"] == [0.5, 1.5]
     assert run.data.tags["git_revision"] and "step00000006" in run.data.tags["last_checkpoint"]
     assert "val/mIoU" in run.data.metrics and "val/gflops_mean" in run.data.metrics
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "pictures")]
@@ -115,6 +120,7 @@ def test_two_ray_workers_zero2_learn_on_uneven_shards(shards, tmp_path, monkeypa
 def test_pretraining_on_imagenet_layout(tmp_path):
     """The classification task end to end in one process: random-ratio schedule, top-1/top-5."""
     import prep_fixtures as fx
+
     from data_prep.job import prepare
     from pipeline.config import load_config
 
