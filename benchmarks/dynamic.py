@@ -61,7 +61,7 @@ def main() -> None:
     for name, res in results.items():
         split = " / ".join(f"{v:.2f}" for v in res.split_ratio)
         tokens = " / ".join(f"{v:.0f}" for v in res.tokens_per_stage)
-        print(f"{name:<26}{res.gflops_mean:>9.3f}{res.gflops_mean / full:>8.3f}{100 * res.miou:>7.1f}  "
+        print(f"{name:<26}{res.gflops_mean:>9.3f}{res.gflops_mean / full:>8.3f}{res.mIoU:>7.1f}  "
               f"{split:<20}{tokens}")
 
 

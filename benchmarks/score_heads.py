@@ -152,7 +152,7 @@ def main() -> None:
     for name, res in rows:
         full, dyn, orc = res["full"], res["dynamic"], res["oracle"]
         print(f"{name:<18}{row(full.score_auc, '.2f'):<20}{row(full.flat_kept, '.2f'):<18}"
-              f"{100 * full.miou:>9.1f}{100 * dyn.miou:>6.1f}{100 * orc.miou:>7.1f}"
+              f"{full.mIoU:>9.1f}{dyn.mIoU:>6.1f}{orc.mIoU:>7.1f}"
               f"{dyn.gflops_mean / full.gflops_mean:>11.3f}{orc.gflops_mean / full.gflops_mean:>9.3f}  "
               f"{row(dyn.split_ratio, '.2f'):<20}{row(dyn.edge_recall, '.2f')}")
 

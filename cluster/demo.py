@@ -55,13 +55,13 @@ def run_demo(out: str = "demo_run", iters: int = 300, train_images: int = 48, va
     full_cfg = load_config("demo", [f"data.train={root / 'shards'}", "upsampling.policy=full",
                                     "train.pictures=0", *extra])
     _, full = run_eval(full_cfg, checkpoint)
-    summary = {"miou": dynamic.miou, "gflops_dynamic": dynamic.gflops_mean, "gflops_dynamic_std": dynamic.gflops_std,
-               "gflops_full": full.gflops_mean, "miou_full": full.miou, "checkpoint": checkpoint,
+    summary = {"mIoU": dynamic.mIoU, "mAcc": dynamic.mAcc, "aAcc": dynamic.aAcc, "gflops_dynamic": dynamic.gflops_mean, "gflops_dynamic_std": dynamic.gflops_std,
+               "gflops_full": full.gflops_mean, "mIoU_full": full.mIoU, "checkpoint": checkpoint,
                "seconds": time.perf_counter() - start, "tokens_dynamic": dynamic.tokens_per_stage,
                "tokens_full": full.tokens_per_stage}
     chance = 1 / 8  # eight synthetic classes
-    print(f"\nmIoU (dynamic upsampling): {100 * dynamic.miou:.1f}  (chance ~{100 * chance:.0f}; "
-          f"full upsampling: {100 * full.miou:.1f})")
+    print(f"\nmIoU (dynamic upsampling): {dynamic.mIoU:.1f}%  (aAcc {dynamic.aAcc:.1f}%, mAcc {dynamic.mAcc:.1f}%; "
+          f"chance ~{100 * chance:.0f}%; full upsampling: mIoU {full.mIoU:.1f}%)")
     print(f"GFLOPs per image (multiply-adds): dynamic {dynamic.gflops_mean:.3f} +- {dynamic.gflops_std:.3f}, "
           f"full {full.gflops_mean:.3f} ({dynamic.gflops_mean / full.gflops_mean:.2f}x)")
     print("tokens per stage: dynamic " + " / ".join(f"{t:.0f}" for t in dynamic.tokens_per_stage)

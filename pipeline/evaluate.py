@@ -1,5 +1,5 @@
-"""Semantic-segmentation evaluation: mIoU (single scale, multi-scale + flip, sliding window),
-per-class IoU, FLOPs mean +- std per image, tokens per stage, score MSE, how the score heads
+"""Semantic-segmentation evaluation: aAcc, mAcc and mIoU in percent as mmsegmentation reports
+them (single scale, multi-scale + flip, sliding window), per-class IoU and accuracy, FLOPs mean +- std per image, tokens per stage, score MSE, how the score heads
 select against the ground truth (per upsampling block), pictures.
 
 Each rank evaluates its share of the validation samples; the confusion matrix and the
@@ -37,20 +37,32 @@ def confusion(pred: torch.Tensor, label: torch.Tensor, classes: int, ignore: int
     return torch.bincount(idx, minlength=classes * classes).reshape(classes, classes)
 
 
-def iou_from_confusion(conf: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Per-class IoU (nan where a class is in neither prediction nor label) and their mean."""
+def scores_from_confusion(conf: torch.Tensor) -> dict:
+    """mmsegmentation's metrics, in percent: ``aAcc`` (pixels right of all labelled), per-class
+    ``IoU`` and ``Acc`` (right of the class's labelled pixels; nan where the class is in neither
+    prediction nor label, resp. not in the label), ``mIoU`` and ``mAcc`` their means over the
+    classes that are not nan."""
     conf = conf.double()
-    tp = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-    valid = ~iou.isnan()
-    return iou, float(iou[valid].mean()) if valid.any() else float("nan")
+    tp, labelled = conf.diag(), conf.sum(1)
+    union = conf.sum(0) + labelled - tp
+    nan = torch.full_like(tp, float("nan"))
+    iou = torch.where(union > 0, 100 * tp / union.clamp(min=1), nan)
+    acc = torch.where(labelled > 0, 100 * tp / labelled.clamp(min=1), nan)
+
+    def mean(values: torch.Tensor) -> float:
+        return float(values.nanmean()) if (~values.isnan()).any() else float("nan")
+    total = float(labelled.sum())
+    return {"aAcc": 100 * float(tp.sum()) / total if total else float("nan"),
+            "mAcc": mean(acc), "mIoU": mean(iou), "IoU": iou.tolist(), "Acc": acc.tolist()}
 
 
 @dataclass
 class EvalResult:
-    miou: float
+    mIoU: float  # percent, as every figure of mmsegmentation's table
+    mAcc: float
+    aAcc: float
     per_class_iou: list[float]
+    per_class_acc: list[float]
     images: int
     gflops_mean: float
     gflops_std: float
@@ -73,7 +85,8 @@ class EvalResult:
     flat_kept: list[float] = field(default_factory=list)
 
     def metrics(self, prefix: str = "val/") -> dict[str, float]:
-        out = {f"{prefix}mIoU": self.miou, f"{prefix}gflops_mean": self.gflops_mean,
+        out = {f"{prefix}mIoU": self.mIoU, f"{prefix}mAcc": self.mAcc, f"{prefix}aAcc": self.aAcc,
+               f"{prefix}gflops_mean": self.gflops_mean,
                f"{prefix}gflops_std": self.gflops_std, f"{prefix}score_mse": self.score_mse}
         out.update({f"{prefix}tokens_stage{i + 1}": t for i, t in enumerate(self.tokens_per_stage)})
         for name in ("split_ratio", "oracle_ratio", "edge_recall", "score_auc", "flat_kept"):
@@ -81,10 +94,14 @@ class EvalResult:
         return out
 
     def table(self, class_names: list[str]) -> str:
-        lines = [f"{'class':<24}{'IoU':>8}"]
-        for name, iou in zip(class_names, self.per_class_iou):
-            lines.append(f"{name[:23]:<24}{'-' if math.isnan(iou) else f'{100 * iou:.1f}':>8}")
-        lines.append(f"{'mIoU':<24}{100 * self.miou:>8.2f}")
+        def cell(value: float) -> str:
+            return f"{'-' if math.isnan(value) else f'{value:.2f}':>8}"
+        names = list(class_names) + [f"class {i}" for i in range(len(class_names), len(self.per_class_iou))]
+        lines = [f"{'class':<24}{'IoU':>8}{'Acc':>8}"]
+        for name, iou, acc in zip(names, self.per_class_iou, self.per_class_acc):
+            lines.append(f"{name[:23]:<24}{cell(iou)}{cell(acc)}")
+        lines.append(f"{'aAcc':>8}{'mIoU':>8}{'mAcc':>8}")
+        lines.append(f"{cell(self.aAcc)}{cell(self.mIoU)}{cell(self.mAcc)}")
         lines.append(f"GFLOPs per image (multiply-adds): {self.gflops_mean:.2f} +- {self.gflops_std:.2f} "
                      f"over {self.images} images; tokens per stage "
                      + " / ".join(f"{t:.0f}" for t in self.tokens_per_stage))
@@ -223,10 +240,11 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
         mse = [m for g in gathered for m in g[2]]
         selection = [c for g in gathered for c in g[3]]
         scored = [c for g in gathered for c in g[4]]
-    iou, miou = iou_from_confusion(conf)
+    scores = scores_from_confusion(conf)
     model.train()
     return EvalResult(
-        miou=miou, per_class_iou=iou.tolist(), images=len(flops),
+        mIoU=scores["mIoU"], mAcc=scores["mAcc"], aAcc=scores["aAcc"], per_class_iou=scores["IoU"],
+        per_class_acc=scores["Acc"], images=len(flops),
         gflops_mean=float(np.mean(flops)) if flops else float("nan"),
         gflops_std=float(np.std(flops)) if flops else float("nan"),
         tokens_per_stage=np.mean(tokens, axis=0).tolist() if tokens else [],

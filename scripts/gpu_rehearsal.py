@@ -120,7 +120,7 @@ def main(argv=None) -> int:
 
 
 def _seg_eval(metrics: dict) -> str:
-    return (f"mIoU {100 * metrics['val/mIoU']:.1f}, GFLOPs {metrics['val/gflops_mean']:.1f} "
+    return (f"mIoU {metrics['val/mIoU']:.1f}%, GFLOPs {metrics['val/gflops_mean']:.1f} "
             f"+- {metrics['val/gflops_std']:.1f}, split ratios "
             + " / ".join(f"{metrics.get(f'val/split_ratio_block{b}', float('nan')):.2f}" for b in (1, 2, 3)))
 

@@ -25,5 +25,5 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     pictures = [a.path for a in client.list_artifacts(train_run.info.run_id, "pictures")]
     assert pictures and pictures[0].endswith(".png")
     evals = [r for r in runs if r.data.tags.get("task") == "eval" and r.data.params["upsampling.policy"] == "dynamic"]
-    assert evals and evals[0].data.metrics["val/mIoU"] == pytest.approx(summary["miou"])
-    assert f"mIoU (dynamic upsampling): {100 * summary['miou']:.1f}" in out
+    assert evals and evals[0].data.metrics["val/mIoU"] == pytest.approx(summary["mIoU"])
+    assert f"mIoU (dynamic upsampling): {summary['mIoU']:.1f}%" in out

@@ -1,4 +1,4 @@
-"""Evaluation: mIoU against torchmetrics, sliding window and multi-scale consistency."""
+"""Evaluation: aAcc / mAcc / mIoU against torchmetrics, sliding window and multi-scale consistency."""
 import math
 
 import pytest
@@ -8,12 +8,12 @@ from model import RatioPolicy
 from model.edges import edge_scores
 from model.segmentor import build_segmentor
 from pipeline.config import EvalConfig
-from pipeline.evaluate import (_probs, confusion, evaluate, iou_from_confusion, multi_scale,
+from pipeline.evaluate import (_probs, confusion, evaluate, multi_scale, scores_from_confusion,
                                sliding_window)
 from pipeline.measure import count_gmacs
 
 
-def test_miou_equals_torchmetrics_jaccard():
+def test_aacc_macc_miou_equal_torchmetrics_in_percent():
     tm = pytest.importorskip("torchmetrics")
     g = torch.Generator().manual_seed(0)
     classes = 6
@@ -22,19 +22,24 @@ def test_miou_equals_torchmetrics_jaccard():
     pred = torch.where(torch.rand(label.shape, generator=g) < 0.7, label.clamp(max=classes - 1),
                        torch.randint(0, classes, label.shape, generator=g))
     conf = sum(confusion(p, l, classes) for p, l in zip(pred, label))
-    iou, miou = iou_from_confusion(conf)
-    metric = tm.classification.MulticlassJaccardIndex(num_classes=classes, ignore_index=255, average="none")
-    want = metric(pred, label)
-    torch.testing.assert_close(iou.float(), want.float())
-    assert miou == pytest.approx(float(want.mean()))
+    got = scores_from_confusion(conf)
+    tmc = tm.classification
+    iou = tmc.MulticlassJaccardIndex(num_classes=classes, ignore_index=255, average="none")(pred, label)
+    acc = tmc.MulticlassAccuracy(num_classes=classes, ignore_index=255, average="none")(pred, label)
+    aacc = tmc.MulticlassAccuracy(num_classes=classes, ignore_index=255, average="micro")(pred, label)
+    assert got["IoU"] == pytest.approx((100 * iou).tolist()) and got["Acc"] == pytest.approx((100 * acc).tolist())
+    assert got["mIoU"] == pytest.approx(100 * float(iou.mean()))
+    assert got["mAcc"] == pytest.approx(100 * float(acc.mean()))
+    assert got["aAcc"] == pytest.approx(100 * float(aacc))
 
 
 def test_classes_absent_from_prediction_and_label_are_left_out():
     label = torch.tensor([[0, 0, 1, 1]])
     pred = torch.tensor([[0, 1, 1, 1]])
-    iou, miou = iou_from_confusion(confusion(pred, label, 4))
-    assert iou[:2].tolist() == [0.5, pytest.approx(2 / 3)] and iou[2:].isnan().all()
-    assert miou == pytest.approx((0.5 + 2 / 3) / 2)
+    got = scores_from_confusion(confusion(pred, label, 4))
+    assert got["IoU"][:2] == [50.0, pytest.approx(200 / 3)] and all(math.isnan(v) for v in got["IoU"][2:])
+    assert got["mIoU"] == pytest.approx((50 + 200 / 3) / 2)
+    assert got["Acc"][:2] == [50.0, 100.0] and got["mAcc"] == 75.0 and got["aAcc"] == 75.0
 
 
 @torch.no_grad()
@@ -105,7 +110,8 @@ def test_evaluate_reports_flops_tokens_and_pictures():
                              for s in samples])
     labels = torch.stack([s["label"] for s in samples])
     want = tm.classification.MulticlassJaccardIndex(num_classes=5, average="none")(preds, labels)
-    assert res.miou == pytest.approx(float(want.mean())) and res.per_class_iou == pytest.approx(want.tolist())
+    assert res.mIoU == pytest.approx(100 * float(want.mean()))
+    assert res.per_class_iou == pytest.approx((100 * want).tolist())
 
 
 def boundary_sample() -> dict:
