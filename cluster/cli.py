@@ -104,6 +104,27 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.predict import predict_images
+    from pipeline.pretrained import load_pretrained
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    config = load_config(args.config) if args.config else None
+    pre = load_pretrained(args.checkpoint, device, config)
+    report = predict_images(pre, args.images, args.out, args.batch_size, args.workers,
+                            tokens=args.tokens, stats=args.stats, dataset=args.dataset)
+    print(f"segmented {report.images} images with {report.source} into {report.out} "
+          f"({report.seconds:.1f} s); {len(report.failed)} unreadable"
+          + (f" (listed in {report.out}/report.json)" if report.failed else ""))
+    return 1 if report.failed else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import logging
 
@@ -182,6 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint, a run's folder or a train.output (local or s3://)")
     p.add_argument("out", help="OUT.safetensors (local or s3://); OUT.json gets the config")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="segment images with trained weights")
+    p.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
+    p.add_argument("--checkpoint", required=True, help="exported .safetensors (its .json beside it) or a "
+                   "checkpoint, run folder or train.output (local or s3://)")
+    p.add_argument("--out", required=True, help="folder for labels/, overlay/, tokens/, report.json")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward (eq. 1 runs each on its own)")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    p.add_argument("--tokens", action="store_true", help="also the token-selection picture of each image")
+    p.add_argument("--stats", action="store_true", help="also GFLOPs and tokens per stage of each image "
+                   "(stats.jsonl)")
+    p.add_argument("--dataset", default=None, choices=["ade20k", "cocostuff", "cityscapes"],
+                   help="label ids to write (default: the dataset the weights were trained on)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--config", default=None, help="the config the weights were trained with, when no "
+                   "config was saved with them")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="the whole pipeline on this machine: synth, prep, train, eval")
     p.add_argument("--out", default="demo_run")

@@ -90,6 +90,18 @@ def remap_table(dataset: str) -> tuple[np.ndarray, tuple[str, ...]]:
     raise ValueError(f"no label table for dataset {dataset!r}")
 
 
+def dataset_ids(dataset: str) -> np.ndarray:
+    """Train id -> the dataset's own label value (the inverse of ``remap_table``), so a
+    prediction can be written as the dataset's annotations are: ADE20K 1..150, COCO-Stuff's
+    stuffthingmaps ids, Cityscapes labelIds."""
+    table, names = remap_table(dataset)
+    ids = np.zeros(len(names), dtype=np.uint8)
+    for raw in range(255, -1, -1):  # the smallest raw value of each class wins
+        if table[raw] != IGNORE:
+            ids[table[raw]] = raw
+    return ids
+
+
 def valid_raw_values(dataset: str) -> np.ndarray:
     """Raw label values that a correct annotation of ``dataset`` may contain."""
     table, _ = remap_table(dataset)

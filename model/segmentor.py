@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,6 +14,22 @@ from .edges import SCORE_SCALES, edge_scores
 from .encoder import DUPSEncoder
 from .ratios import RatioPolicy
 from .upsampling import UpsampleRecord
+
+# The ImageNet statistics every DUPS model is trained with (RGB, 0..255), as mmsegmentation.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def to_input(image) -> Tensor:
+    """An RGB image (PIL image, or H x W x 3 uint8 array / tensor) as the model's normalised
+    (3, H, W) float input; a (3, H, W) float tensor is taken as normalised already."""
+    if isinstance(image, Tensor) and image.dim() == 3 and image.shape[0] == 3 and image.is_floating_point():
+        return image
+    arr = torch.from_numpy(np.array(image.convert("RGB") if hasattr(image, "convert") else image))  # a copy
+    if arr.dim() != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB image (H x W x 3), got shape {tuple(arr.shape)}")
+    mean, std = torch.tensor(PIXEL_MEAN), torch.tensor(PIXEL_STD)
+    return ((arr.float() - mean) / std).permute(2, 0, 1).contiguous()
 
 
 @dataclass
@@ -63,19 +80,51 @@ class DUPSSegmentor(nn.Module):
         preds = self.decoder(pix.maps, pix.mask_features)
         return SegmentationOutput(preds, enc.records, enc.tokens_per_stage)
 
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> DUPSSegmentor:
+        """The model of exported weights (``X.safetensors`` with ``X.json`` beside it, as
+        ``dups export`` writes) or of a training checkpoint, local or ``s3://``, in eval mode,
+        with its run's ratio policy as default. Nothing is unpickled beyond tensors. (Reading
+        files is the pipeline's job: ``pipeline.pretrained``.)"""
+        from pipeline.pretrained import load_pretrained
+
+        model = load_pretrained(path, device).model
+        if not isinstance(model, cls):
+            raise ValueError(f"{path}: these are ImageNet pre-training weights (a classifier), not a "
+                             "segmentation model; fine-tune them first (train.pretrained=...)")
+        return model
+
     @torch.no_grad()
-    def predict(self, images: Tensor, policy: RatioPolicy | None = None) -> Tensor:
-        """Class probabilities (B, K, H, W) for images of any size: each image is padded to
-        multiples of 32 (zeros: the normalised mean) and run on its own, so per-image
-        ratios (eq. 1) apply; the padding is cropped away."""
+    def probabilities(self, images: Tensor, policy: RatioPolicy | None = None) -> Tensor:
+        """Class probabilities (B, K, H, W) of a normalised batch of any size: padded to
+        multiples of 32 (zeros: the normalised mean) and cropped back. Eq. 1's budget depends
+        on the image, so a per-image policy runs each image on its own; any other runs the
+        batch in one forward."""
+        policy = policy or self.encoder.ratio_policy
         h, w = images.shape[-2:]
         ph, pw = -h % 32, -w % 32
-        out = []
-        for image in images:
-            padded = F.pad(image[None], (0, pw, 0, ph))
-            pred = self(padded, policy).final
-            out.append(semantic_probabilities(pred, (h + ph, w + pw))[..., :h, :w])
+        padded = F.pad(images, (0, pw, 0, ph))
+        chunks = padded.split(1) if policy.effective_kind(self.training) == "per_image" else [padded]
+        out = [semantic_probabilities(self(c, policy).final, (h + ph, w + pw))[..., :h, :w] for c in chunks]
         return torch.cat(out)
+
+    @torch.no_grad()
+    def predict(self, images, policy: RatioPolicy | None = None) -> list[Tensor]:
+        """Class ids (H, W) of each image: RGB images of any sizes (PIL, H x W x 3 uint8
+        arrays) or normalised (3, H, W) tensors, or a normalised (B, 3, H, W) batch. Images of
+        one size run as one batch where the policy allows (see ``probabilities``)."""
+        inputs = list(images) if not isinstance(images, Tensor) or images.dim() == 4 else [images]
+        inputs = [to_input(im) for im in inputs]
+        device = next(self.parameters()).device
+        labels: list[Tensor | None] = [None] * len(inputs)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, x in enumerate(inputs):
+            by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
+        for idx in by_size.values():
+            batch = torch.stack([inputs[i] for i in idx]).to(device)
+            for i, lab in zip(idx, self.probabilities(batch, policy).argmax(1).cpu()):
+                labels[i] = lab
+        return labels
 
 
 def build_segmentor(name: str, num_classes: int = 150, encoder: dict | None = None,

@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from model.edges import SCORE_SCALES, edge_scores
+from model.segmentor import PIXEL_MEAN, PIXEL_STD
 
 from . import classification_aug
 
-MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)  # ImageNet, RGB, 0..255
-STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+MEAN = np.array(PIXEL_MEAN, dtype=np.float32)  # ImageNet, RGB, 0..255
+STD = np.array(PIXEL_STD, dtype=np.float32)
 IGNORE = 255
 
 

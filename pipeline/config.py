@@ -293,3 +293,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if "name" not in data and path:
         data["name"] = Path(path).stem
     return _build(Config, data, "", origin)
+
+
+def config_from_dict(data: dict, where: str) -> Config:
+    """A Config from a resolved config dict (a checkpoint's or exported weights' config.json);
+    ``where`` names it in errors."""
+    return _build(Config, data, "", {"": where})

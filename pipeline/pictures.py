@@ -40,13 +40,13 @@ def selection_panel(rgb: np.ndarray, record: UpsampleRecord, sample: int = 0) ->
     return np.asarray(im)
 
 
-def token_figure(image, label: np.ndarray, prediction: np.ndarray, records: list[UpsampleRecord],
+def token_figure(image, label: np.ndarray | None, prediction: np.ndarray, records: list[UpsampleRecord],
                  classes: int) -> Image.Image:
-    """One row: image | ground truth | chosen at 32 | 16 | 8 | prediction (sample 0)."""
+    """One row: image | ground truth (when given) | chosen at 32 | 16 | 8 | prediction (sample 0)."""
     rgb = denormalise(image)
-    h, w = label.shape
+    h, w = prediction.shape
     rgb = rgb[:h, :w]
-    panels = [rgb, colourise(label, classes)]
+    panels = [rgb] + ([colourise(label, classes)] if label is not None else [])
     panels += [selection_panel(rgb, r)[:h, :w] for r in records]
     panels.append(colourise(prediction, classes))
     gap = np.full((h, 4, 3), 255, dtype=np.uint8)
@@ -54,3 +54,9 @@ def token_figure(image, label: np.ndarray, prediction: np.ndarray, records: list
     for p in panels[1:]:
         row += [gap, p]
     return Image.fromarray(np.concatenate(row, axis=1))
+
+
+def overlay(rgb: np.ndarray, prediction: np.ndarray, classes: int, alpha: float = 0.5) -> Image.Image:
+    """The prediction's colours blended over the image."""
+    blend = rgb.astype(np.float32) * (1 - alpha) + colourise(prediction, classes).astype(np.float32) * alpha
+    return Image.fromarray(blend.round().astype(np.uint8))

@@ -72,7 +72,7 @@ def test_shapes_deep_supervision_and_semantic_inference():
                           torch.nn.functional.interpolate(out.final.masks, (96, 128), mode="bilinear").sigmoid())
     torch.testing.assert_close(probs, manual)
     # any image size: padded to multiples of 32 inside, cropped back
-    pred = model.predict(torch.randn(2, 3, 100, 90), RatioPolicy.from_preset("dynamic", "ade20k"))
+    pred = model.probabilities(torch.randn(2, 3, 100, 90), RatioPolicy.from_preset("dynamic", "ade20k"))
     assert pred.shape == (2, 7, 100, 90)
 
 
@@ -102,7 +102,7 @@ def test_segmentor_overfits_four_scenes():
         opt.step()
         if step % 25 == 0:
             model.eval()
-            best = max(best, mean_iou(model.predict(images, policy).argmax(1), labels, 5))
+            best = max(best, mean_iou(model.probabilities(images, policy).argmax(1), labels, 5))
             model.train()
             if best >= 0.9:
                 break

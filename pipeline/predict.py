@@ -1,0 +1,158 @@
+"""`dups predict`: a trained model on a user's images, any size, on CPU or GPU.
+
+Per image it writes the label PNG in the dataset's own ids (as its annotations are), a colour
+overlay, and on request the token-selection picture and the image's GFLOPs and tokens per
+stage. An unreadable image is reported by name (stderr and ``report.json``) and the others are
+still processed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from model.segmentor import DUPSSegmentor, to_input
+
+from .measure import flop_counter
+from .pictures import overlay, token_figure
+from .pretrained import Pretrained
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def list_images(inputs: list[str]) -> list[tuple[Path, str]]:
+    """(file, output name without suffix) of every image named or found (recursively) in a
+    folder; output names keep the folder structure so that equal file names do not collide."""
+    found = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += [(p, str(Path(path.name) / p.relative_to(path).with_suffix(""))) for p in files]
+        elif path.is_file():
+            found.append((path, path.stem))
+        else:
+            raise FileNotFoundError(f"no such image or folder: {item}")
+    return found
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decodes in DataLoader workers; a file that does not decode becomes its error message."""
+
+    def __init__(self, files: list[tuple[Path, str]]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.files[i][0]) as im:
+                return i, np.asarray(im.convert("RGB")), None
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return i, None, f"{type(err).__name__}: {err}"
+
+
+@dataclass
+class PredictReport:
+    out: str
+    source: str
+    images: int = 0
+    failed: list[dict] = field(default_factory=list)  # {"file", "reason"}
+    seconds: float = 0.0
+    stats: list[dict] = field(default_factory=list)  # per image (``stats=True``)
+
+
+def label_ids(pre: Pretrained, dataset: str | None) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """(train id -> the dataset's label value, class names) of the dataset the model was
+    trained on (its upsampling preset unless ``dataset`` is given); (None, ()) if unknown."""
+    from data_prep.labels import dataset_ids, remap_table
+
+    dataset = dataset or pre.config.upsampling.preset
+    try:
+        ids, names = dataset_ids(dataset), remap_table(dataset)[1]
+    except (ValueError, ImportError):
+        return None, ()
+    return (ids, names) if len(ids) == pre.config.model.num_classes else (None, ())
+
+
+def predict_images(pre: Pretrained, inputs: list[str], out: str, batch_size: int = 4, workers: int = 2,
+                   tokens: bool = False, stats: bool = False, dataset: str | None = None,
+                   progress: bool = True) -> PredictReport:
+    """Segments every image in ``inputs`` (files or folders) into ``out``: ``labels/NAME.png``,
+    ``overlay/NAME.jpg``, with ``tokens`` ``tokens/NAME.png``, with ``stats`` a line per image
+    in ``stats.jsonl``; ``report.json`` lists what failed. ``tokens`` and ``stats`` run each
+    image on its own, so its FLOPs and chosen tokens are its own."""
+    model: DUPSSegmentor = pre.model
+    if not isinstance(model, DUPSSegmentor):
+        raise ValueError(f"{pre.source}: these are ImageNet pre-training weights (a classifier); "
+                         "fine-tune them on a segmentation dataset first (train.pretrained=...)")
+    files = list_images(inputs)
+    ids, names = label_ids(pre, dataset)
+    classes = model.num_classes
+    root = Path(out)
+    report = PredictReport(str(root), pre.source)
+    loader = torch.utils.data.DataLoader(_Images(files), batch_size=1 if (tokens or stats) else batch_size,
+                                         num_workers=workers, collate_fn=list)
+    captured = []
+    hook = model.register_forward_hook(lambda _m, _i, output: captured.append(output))
+    start = time.perf_counter()
+    try:
+        bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
+        for batch in loader:
+            good = [(i, rgb) for i, rgb, _ in batch if rgb is not None]
+            for i, _, reason in batch:
+                if reason is not None:
+                    report.failed.append({"file": str(files[i][0]), "reason": reason})
+                    print(f"dups predict: cannot read {files[i][0]}: {reason}", file=sys.stderr)
+            captured.clear()
+            if tokens or stats:
+                with flop_counter() as counter:
+                    labels = model.predict([rgb for _, rgb in good])
+                gflops = counter.get_total_flops() / 2e9
+            else:
+                labels = model.predict([rgb for _, rgb in good])
+            for (i, rgb), lab in zip(good, labels):
+                name = files[i][1]
+                lab = lab.numpy()
+                _save(root / "labels" / f"{name}.png", Image.fromarray(
+                    (ids[lab] if ids is not None else lab).astype(np.uint8 if classes < 256 else np.uint16)))
+                _save(root / "overlay" / f"{name}.jpg", overlay(rgb, lab, classes), quality=90)
+                if tokens:
+                    _save(root / "tokens" / f"{name}.png",
+                          token_figure(to_input(rgb), None, lab, captured[-1].records, classes))
+                if stats:
+                    present = np.unique(lab).tolist()
+                    report.stats.append({
+                        "image": str(files[i][0]), "height": lab.shape[0], "width": lab.shape[1],
+                        "gflops": gflops, "tokens_per_stage": captured[-1].tokens_per_stage,
+                        "classes": [names[c] if names else int(c) for c in present]})
+            report.images += len(good)
+            bar.update(len(batch))
+        bar.close()
+    finally:
+        hook.remove()
+    report.seconds = time.perf_counter() - start
+    root.mkdir(parents=True, exist_ok=True)
+    if stats:
+        (root / "stats.jsonl").write_text("".join(json.dumps(s) + "\n" for s in report.stats))
+    (root / "report.json").write_text(json.dumps({k: v for k, v in asdict(report).items() if k != "stats"},
+                                                 indent=1))
+    log.info("predict: %d images in %.1f s (%.2f images/s), %d unreadable", report.images, report.seconds,
+             report.images / max(report.seconds, 1e-9), len(report.failed))
+    return report
+
+
+def _save(path: Path, image: Image.Image, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)

@@ -1,0 +1,63 @@
+"""Trained weights with the config they were trained under: what ``dups predict`` and
+``DUPSSegmentor.from_pretrained`` start from.
+
+Exported weights are ``X.safetensors`` with ``X.json`` beside it (``dups export``); a training
+checkpoint holds ``config.json``. Either may be local or on S3; nothing is unpickled beyond
+tensors and plain data.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from model.ratios import RatioPolicy
+
+from .checkpoints import find_checkpoint, local_file, model_state
+from .config import Config, ConfigError, config_from_dict
+
+
+@dataclass
+class Pretrained:
+    model: torch.nn.Module  # in eval mode, its run's ratio policy as default
+    config: Config
+    source: str  # the file or checkpoint the weights came from
+
+
+def _config_of(path: str) -> tuple[dict, str]:
+    """(the run's config dict, where it was read) for weights at ``path``."""
+    if path.endswith(".safetensors"):
+        from .export import config_path
+
+        where = config_path(path)
+        try:
+            with local_file(where) as local:
+                return json.loads(local.read_text()).get("config") or {}, where
+        except FileNotFoundError:
+            return {}, where
+    ref = find_checkpoint(path)
+    where = ref.url.rstrip("/") + "/config.json"
+    with local_file(where) as local:
+        return json.loads(local.read_text()), where
+
+
+def load_pretrained(path: str, device: str | torch.device = "cpu", config: Config | None = None) -> Pretrained:
+    """The model of ``path`` built from the config saved with it (or ``config``, which wins)."""
+    from .train import build_model
+
+    if config is None:
+        data, where = _config_of(path)
+        if not data:
+            raise ConfigError(f"{path}: no config saved with these weights ({where}); export them with "
+                              "`dups export`, or name the config they were trained with")
+        config = config_from_dict(data, where)
+    model = build_model(config)
+    state, source = model_state(path, config.name)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source}: these weights do not fit {config.model.name} "
+                         f"({config.train.task}): missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.train.task == "finetune":
+        model.encoder.ratio_policy = RatioPolicy.from_preset(config.upsampling.policy, config.upsampling.preset)
+    return Pretrained(model.eval().to(device), config, source)

@@ -1,0 +1,97 @@
+"""`dups predict` and `DUPSSegmentor.from_pretrained`: a briefly trained model's predictions on
+the validation images equal `dups eval`'s, from exported weights and from the checkpoint."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_helpers as th
+from cluster.cli import main as cli_main
+from cluster.launch import train_local
+from data_prep.labels import remap_table
+from model.ratios import RatioPolicy
+from model.segmentor import DUPSSegmentor
+from pipeline.engine import shutdown
+from pipeline.evaluate import confusion, scores_from_confusion
+from pipeline.evaluate_cli import run_eval
+from pipeline.export import export_weights
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    shards = th.make_dataset(root / "data", train=8, val=3)
+    overrides = ["train.iters=80", "train.checkpoint_every=80", "train.eval_every=1000", "optim.lr=0.0005",
+                 "data.crop=96", "launch.launcher=local", "train.pictures=0", "data.eval_short_side=0"]
+    result = train_local(th.test_config(shards, root / "run", *overrides))
+    shutdown()
+    weights = str(root / "weights" / "demo.safetensors")
+    export_weights(result.last_checkpoint, weights)
+    cfg = th.test_config(shards, root / "run", *overrides)
+    return {"root": root, "weights": weights, "checkpoint": result.last_checkpoint, "cfg": cfg,
+            "images": root / "data" / "src" / "images" / "validation",
+            "labels": root / "data" / "src" / "annotations" / "validation"}
+
+
+def test_predict_writes_what_eval_measures_and_reports_bad_images(trained, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    rc = cli_main(["predict", str(trained["images"]), str(bad), "--checkpoint", trained["weights"],
+                   "--out", str(out), "--stats", "--tokens", "--workers", "1"])
+    assert rc == 1  # one image unreadable: named, and the others still segmented
+    assert f"cannot read {bad}" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"] == 3 and [f["file"] for f in report["failed"]] == [str(bad)]
+
+    # the label PNGs hold ADE20K's own ids (1..150); remapped, they score what `dups eval` does
+    table, _ = remap_table("ade20k")
+    conf = 0
+    pngs = sorted((out / "labels" / "validation").glob("*.png"))
+    assert len(pngs) == 3
+    for png in pngs:
+        raw = np.asarray(Image.open(png))
+        assert raw.min() >= 1 and raw.dtype == np.uint8
+        gt = table[np.asarray(Image.open(trained["labels"] / png.name))]
+        conf = conf + confusion(torch.from_numpy(table[raw].astype(np.int64)), torch.from_numpy(gt.astype(np.int64)), 150)
+        assert (out / "overlay" / "validation" / f"{png.stem}.jpg").is_file()
+        assert Image.open(out / "tokens" / "validation" / png.name).size[1] == raw.shape[0]
+    mine = scores_from_confusion(conf)
+    _, res = run_eval(trained["cfg"], trained["checkpoint"])
+    assert len({len(np.unique(np.asarray(Image.open(p)))) for p in pngs} | {1}) > 1  # not one class everywhere
+    assert mine["mIoU"] == pytest.approx(res.mIoU, abs=1e-9) and mine["aAcc"] == pytest.approx(res.aAcc, abs=1e-9)
+    stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert np.mean([s["gflops"] for s in stats]) == pytest.approx(res.gflops_mean, rel=1e-9)
+    assert np.mean([s["tokens_per_stage"] for s in stats], axis=0).tolist() == pytest.approx(res.tokens_per_stage)
+
+
+def test_from_pretrained_and_predict_on_images_of_any_size(trained):
+    model = DUPSSegmentor.from_pretrained(trained["weights"])
+    assert not model.training and model.encoder.ratio_policy.kind == "dynamic"
+    files = sorted(trained["images"].glob("*.jpg"))
+    images = [Image.open(f) for f in files]
+    labels = model.predict(images)  # PIL images of different sizes
+    assert [lab.shape for lab in labels] == [im.size[::-1] for im in images]
+    # the same weights through the checkpoint: the same predictions
+    again = DUPSSegmentor.from_pretrained(trained["checkpoint"]).predict([np.asarray(im) for im in images])
+    assert all(torch.equal(a, b) for a, b in zip(labels, again))
+    # one size, a policy that does not depend on the image: one batched forward, as one by one
+    same = [np.asarray(images[0])] * 2 + [np.asarray(images[0])[:, ::-1]]
+    fixed = RatioPolicy.from_preset("fixed", "ade20k")
+    batched = model.predict(same, fixed)
+    single = [model.predict([im], fixed)[0] for im in same]
+    assert all((a == b).float().mean() > 0.999 for a, b in zip(batched, single))
+
+
+def test_weights_without_their_config_are_a_clear_error(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lone = tmp_path / "lone.safetensors"
+    save_file(load_file(trained["weights"]), str(lone))
+    with pytest.raises(ValueError, match=f"{lone}: no config saved with these weights"):
+        DUPSSegmentor.from_pretrained(str(lone))
+    assert cli_main(["predict", str(trained["images"]), "--checkpoint", str(lone), "--out", str(tmp_path / "o"),
+                     "--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml")]) == 0
