@@ -140,7 +140,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
     submit(command, args.address, args.follow, args.working_dir, args.pip,
-           forward_credentials=args.forward_credentials)
+           forward_credentials=args.forward_credentials, python=args.python)
     return 0
 
 
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward-credentials", action="store_true",
                    help="also pass AWS keys/tokens and MLflow passwords to the job (Ray's job API shows "
                    "them to anyone who reaches the dashboard; default: the cluster's instance role)")
+    p.add_argument("--python", default=None, help="the head's Python that has the project installed "
+                   "(default: this interpreter if the head has it, else python3 or python there)")
     p.add_argument("command_line", nargs=argparse.REMAINDER, help="-- then the dups command")
     p.set_defaults(func=_submit)
 

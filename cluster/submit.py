@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import sys
 
@@ -22,12 +23,27 @@ def client(address: str | None):
     return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)
 
 
+def entrypoint(command: list[str], python: str | None = None) -> str:
+    """The job's shell command. Ray runs it on the head with the head's PATH, whose ``python``
+    is often not the project's (a head started as ``.venv/bin/ray start`` keeps the user's
+    PATH), so it takes the first of: ``python`` if given; else this interpreter's path (a head
+    on this machine), ``python3``, ``python``, that imports torch and ray, and names what it
+    tried when none does."""
+    candidates = [python] if python else [sys.executable, "python3", "python"]
+    tried = " ".join(shlex.quote(c) for c in candidates)
+    return (f"for py in {tried}; do if \"$py\" -c 'import torch, ray' 2>/dev/null; then "
+            f"exec \"$py\" -m cluster.cli {shlex.join(command)}; fi; done; "
+            f"echo \"dups submit: no Python on the head imports torch and ray (tried: {tried}); start the "
+            f"head from the project's environment or pass --python (README, Cluster)\" >&2; exit 2")
+
+
 def submit(command: list[str], address: str | None = None, follow: bool = False,
            working_dir: str = ".", pip: list[str] | None = None, out=sys.stdout,
-           forward_credentials: bool = False) -> str:
+           forward_credentials: bool = False, python: str | None = None) -> str:
     """``forward_credentials``: also pass AWS keys / tokens and MLflow passwords in the job's
     runtime env (which Ray's job API shows to anyone who reaches it); by default the cluster's
-    instance role serves S3 and only settings travel."""
+    instance role serves S3 and only settings travel. ``python``: the head's interpreter
+    that has the project installed (default: found, see ``entrypoint``)."""
     from pipeline.credentials import forwarded_env
 
     if not command:
@@ -37,8 +53,7 @@ def submit(command: list[str], address: str | None = None, follow: bool = False,
     if pip:
         runtime_env["pip"] = pip
     c = client(address)
-    entrypoint = "python -m cluster.cli " + shlex.join(command)
-    job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    job_id = c.submit_job(entrypoint=entrypoint(command, python), runtime_env=runtime_env)
     print(f"submitted {job_id}: dups {shlex.join(command)}", file=out)
     if env:
         print(f"environment passed to the job: {', '.join(sorted(env))} (values not shown)", file=out)
@@ -61,7 +76,9 @@ def jobs(action: str, job_id: str | None = None, address: str | None = None, out
     c = client(address)
     if action == "list":
         for job in sorted(c.list_jobs(), key=lambda j: j.start_time or 0):
-            print(f"{job.submission_id or job.job_id:<28}{str(job.status):<12}{job.entrypoint[:80]}", file=out)
+            shown = re.search(r"-m cluster\.cli (.*?); fi", job.entrypoint)
+            what = f"dups {shown[1]}" if shown else job.entrypoint
+            print(f"{job.submission_id or job.job_id:<28}{str(job.status):<12}{what[:80]}", file=out)
     elif action == "logs":
         out.write(c.get_job_logs(job_id))
     elif action == "stop":

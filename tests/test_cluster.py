@@ -102,12 +102,15 @@ def test_local_launcher_refuses_use_gpu_without_cuda(tmp_path):
 
 @pytest.fixture
 def ray_head():
-    """`ray start --head --block` in its own process group; ended by group id, not `ray stop`."""
+    """A head started as the README says a user starts one by hand (`.venv/bin/ray start --head`,
+    the environment not activated: the project's Python is not on PATH), with `--block` in its
+    own process group; ended by group id, not `ray stop`."""
     temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a limit
     bindir = Path(sys.executable).parent
     port, dash = free_port(), free_port()
-    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled",
-               PYTHONPATH=str(ROOT))
+    path = ":".join(p for p in os.environ["PATH"].split(":") if Path(p).resolve() != bindir.resolve())
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(PATH=path, RAY_AUTH_MODE="disabled")
     proc = subprocess.Popen(
         [str(bindir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
@@ -141,6 +144,11 @@ def test_submit_follow_list_logs_stop(ray_head, monkeypatch):
                  address=ray_head, follow=True, out=out)
     text = out.getvalue()
     assert f"submitted {job}" in text and '"tokens_per_stage"' in text and "SUCCEEDED" in text
+    # a head whose Python lacks the project: a clear error in the job's log, not a traceback
+    out = io.StringIO()
+    submit(["summary"], address=ray_head, follow=True, out=out, python="/nonexistent/python")
+    assert "no Python on the head imports torch and ray (tried: /nonexistent/python)" in out.getvalue()
+    assert "FAILED" in out.getvalue()
     assert "AWS_SECRET_ACCESS_KEY" not in text and "do-not-print-me" not in text  # not sent by default
     c = client(ray_head)
     long_job = submit(["synth", "--out", "/tmp/dups-stop-test", "--train", "100000"], address=ray_head, out=io.StringIO())
@@ -148,6 +156,7 @@ def test_submit_follow_list_logs_stop(ray_head, monkeypatch):
     listing = io.StringIO()
     jobs("list", address=ray_head, out=listing)
     assert job in listing.getvalue() and long_job in listing.getvalue()
+    assert "dups summary --model dups_demo" in listing.getvalue()  # the command, not the shell around it
     jobs("stop", long_job, address=ray_head, out=io.StringIO())
     assert wait_status(c, long_job, {"STOPPED", "FAILED"}, 60) == "STOPPED"
     logs = io.StringIO()
