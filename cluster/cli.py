@@ -54,11 +54,10 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import logging
-
     from pipeline.config import load_config
+    from pipeline.progress import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     cfg = load_config(args.config, args.overrides)
     resume = None
     if args.resume is not None:  # bare --resume: this config's own train.output

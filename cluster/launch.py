@@ -147,8 +147,10 @@ def _ray_loop(config: dict) -> None:
     from ray.train import Checkpoint
 
     from pipeline.config import load_config
+    from pipeline.progress import setup_logging
     from pipeline.train import train
 
+    setup_logging()  # a Ray worker starts without: the INFO lines would never reach the job log
     cfg = load_config(None, config["overrides_flat"])
     run = join(config["storage"], cfg.name)
     resume_from = config.get("resume_from")

@@ -255,6 +255,12 @@ class EvalStream(IterableDataset):
                  limit: int = 0):
         self.shards, self.transform, self.rank, self.world, self.limit = shards, transform, rank, world, limit
 
+    def __len__(self) -> int:
+        """This rank's samples (from the manifest's counts)."""
+        total = sum(s.samples for s in self.shards)
+        total = min(total, self.limit) if self.limit else total
+        return len(range(self.rank, total, self.world))
+
     def __iter__(self):
         n = 0
         for shard in self.shards:

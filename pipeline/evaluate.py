@@ -22,6 +22,7 @@ from model.segmentor import DUPSSegmentor, semantic_probabilities
 from .config import EvalConfig
 from .engine import all_reduce_sum
 from .measure import flop_counter
+from .progress import ProgressBar
 
 
 def confusion(pred: torch.Tensor, label: torch.Tensor, classes: int, ignore: int = 255,
@@ -198,7 +199,10 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
     flops, tokens, mse, figs = [], [], [], []
     selection = []  # per image: [(split, candidates, oracle split, edge tokens split), ...] per block
     scored = []  # per image: [(predicted, true edge fractions), ...] per block that scored
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    bar = ProgressBar(len(samples) if hasattr(samples, "__len__") else None, "eval", "img", disable=rank != 0)
     for sample in samples:
+        bar.update(1)
         image = sample["image"][None].to(device, dtype)
         label = sample["label"]
         h, w = sample["size"]
@@ -231,6 +235,7 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
             seen = F.interpolate(full, size=(h, w), mode="bilinear").argmax(1)[0].cpu().numpy()
             lab = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long().numpy()
             figs.append(token_figure(image[0], lab, seen, out.records, classes))
+    bar.close()
     if dist.is_available() and dist.is_initialized():
         conf = all_reduce_sum(conf)
         gathered = [None] * dist.get_world_size()

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from model.segmentor import DUPSSegmentor, to_input
 
 from .measure import flop_counter
 from .pictures import overlay, token_figure
 from .pretrained import Pretrained
+from .progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def predict_images(pre: Pretrained, inputs: list[str], out: str, batch_size: int
     hook = model.register_forward_hook(lambda _m, _i, output: captured.append(output))
     start = time.perf_counter()
     try:
-        bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
+        bar = ProgressBar(len(files), "predict", "img", disable=not progress)
         for batch in loader:
             good = [(i, rgb) for i, rgb, _ in batch if rgb is not None]
             for i, _, reason in batch:

@@ -35,6 +35,7 @@ from .data import EvalStream, load_manifest, shards_of, train_loader
 from .engine import all_reduce_sum, build_engine, device_for_rank, input_dtype
 from .measure import kernel_flop_counter, peak_tflops
 from .optim import build_optimizer, set_lr
+from .progress import ProgressBar
 from .tracking import Tracker, config_tracker
 
 log = logging.getLogger("dups.train")
@@ -253,9 +254,7 @@ class Trainer:
         stop = min(total, self.hooks.stop_after or total)
         result = TrainResult(self.step, self.run_id, None)
         batches = iter(self.loader)
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=self.step, disable=self.rank != 0, desc=cfg.name, unit="it")
+        bar = ProgressBar(total, cfg.name, "it", initial=self.step, disable=self.rank != 0)
         tic = time.perf_counter()
         wait = 0.0
         while self.step < stop:
@@ -275,8 +274,7 @@ class Trainer:
             self.step += 1
             self._check_skipped(terms)
             result.losses.append(terms["loss"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{terms['loss']:.3f}")
+            bar.update(1, loss=f"{terms['loss']:.3f}")
             if self.step % cfg.train.log_every == 0 or self.step == stop:
                 elapsed = time.perf_counter() - tic
                 n = cfg.train.log_every if self.step % cfg.train.log_every == 0 else self.step % cfg.train.log_every

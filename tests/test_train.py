@@ -89,7 +89,7 @@ def test_zero_stages_1_2_3_compute_the_same_training(shards, tmp_path):
     assert losses[2][0] != losses[2][1]  # the ranks read different samples
 
 
-def test_two_ray_workers_zero2_learn_on_uneven_shards(shards, tmp_path, monkeypatch):
+def test_two_ray_workers_zero2_learn_on_uneven_shards(shards, tmp_path, monkeypatch, capfd):
     import ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -99,7 +99,7 @@ def test_two_ray_workers_zero2_learn_on_uneven_shards(shards, tmp_path, monkeypa
     cfg = th.test_config(shards, tmp_path, "train.iters=24", "train.checkpoint_every=12",
                          "train.eval_every=24", "launch.workers=2", "engine.zero_stage=2",
                          "optim.lr=0.0002", "train.log_every=2")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
         start = time.monotonic()
         result = train_ray(cfg)
@@ -107,6 +107,12 @@ def test_two_ray_workers_zero2_learn_on_uneven_shards(shards, tmp_path, monkeypa
     finally:
         ray.shutdown()
     assert result.error is None and result.checkpoint is not None
+    # the workers' INFO lines reach the driver (and so a job's log); their progress is tqdm_ray's
+    # bar drawn by the driver, not tqdm frames written into the log
+    seen = capfd.readouterr()
+    worker_lines = [line for line in (seen.out + seen.err).splitlines() if "RayTrainWorker" in line]
+    assert any("dups.train step 24:" in line for line in worker_lines), worker_lines[-20:]
+    assert not any("%|" in line for line in worker_lines)
     client, runs = mlflow_run(tmp_path)
     def history(key):
         return [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda m: m.step)]
