@@ -115,6 +115,21 @@ class Tracker:
             for image, name in zip(images, names):
                 self.mlflow.log_image(image, artifact_file=f"pictures/{name}.png")
 
+    def history(self, keys) -> dict[str, list[tuple[int, float]]]:
+        """(step, value) of each metric logged to this run so far."""
+        if not self.active:
+            return {}
+        client = self.mlflow.MlflowClient()
+        found = {k: [(m.step, m.value) for m in client.get_metric_history(self.run_id, k)] for k in keys}
+        return {k: v for k, v in found.items() if v}
+
+    def plot_curves(self) -> None:
+        """``plots/curves.png``: the run's curves so far (``pipeline.plots``), replaced each time."""
+        if self.active:
+            from .plots import CURVE_KEYS, curves_figure
+
+            self.mlflow.log_figure(curves_figure(self.history(CURVE_KEYS)), "plots/curves.png")
+
     def text(self, text: str, name: str) -> None:
         if self.active:
             self.mlflow.log_text(text, name)

@@ -205,6 +205,8 @@ class Trainer:
         dist.barrier()
         for step, metrics in self.pending:  # before the checkpoint counts: see the module docstring
             self.tracker.metrics(metrics, step)
+        if self.pending:
+            self.tracker.plot_curves()
         self.pending.clear()
         where = self.hooks.publish(self.step, stage / tag)
         self.tracker.tag("last_checkpoint", where)

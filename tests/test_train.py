@@ -49,6 +49,7 @@ def test_resume_continues_exactly_and_logs_to_the_same_run(shards, tmp_path):
     assert "val/mIoU" in run.data.metrics and "val/gflops_mean" in run.data.metrics
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "pictures")]
     assert pictures == ["pictures/tokens_step00000006_0.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/curves.png"]
 
 
 def run_two_ranks(shards, out, overrides) -> dict[int, list[float]]:
