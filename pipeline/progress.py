@@ -21,14 +21,25 @@ def in_ray_worker() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (Ray and pytest replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """The project's loggers (``dups.*``, ``pipeline.*``, ...) at ``level`` to stderr, which
     Ray forwards to the driver and the job log; once per process."""
     root = logging.getLogger()
-    if not any(getattr(h, "_dups", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter(FORMAT))
-        handler._dups = True
         root.addHandler(handler)
     root.setLevel(level)
 

@@ -14,7 +14,6 @@ from cluster.launch import train_local
 from data_prep.labels import remap_table
 from model.ratios import RatioPolicy
 from model.segmentor import DUPSSegmentor
-from pipeline.engine import shutdown
 from pipeline.evaluate import confusion, scores_from_confusion
 from pipeline.evaluate_cli import run_eval
 from pipeline.export import export_weights
@@ -27,7 +26,6 @@ def trained(tmp_path_factory):
     overrides = ["train.iters=80", "train.checkpoint_every=80", "train.eval_every=1000", "optim.lr=0.0005",
                  "data.crop=96", "launch.launcher=local", "train.pictures=0", "data.eval_short_side=0"]
     result = train_local(th.test_config(shards, root / "run", *overrides))
-    shutdown()
     weights = str(root / "weights" / "demo.safetensors")
     export_weights(result.last_checkpoint, weights)
     cfg = th.test_config(shards, root / "run", *overrides)
