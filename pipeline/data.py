@@ -8,7 +8,9 @@ computes the same number of batches per stream, m_e, so all ranks take exactly t
 number of steps and none can hang on a collective; the few samples beyond m_e batches in a
 stream (fewer than a batch) wait for the next epoch's permutation.
 
-Samples pass a shuffle buffer (seeded per stream and epoch) as raw bytes; decoding and
+Shards are read, and samples shuffled, by webdataset's own pipeline stages; what is written
+here is what exact resume and equal batch counts need (each says why). Samples pass
+webdataset's shuffle buffer (seeded per stream and epoch) as raw bytes; decoding and
 augmentation come after, with a generator seeded by (seed, epoch, stream, index). The
 position is (epoch, batches taken in the epoch); DataLoader serves workers round-robin, so
 on resume each worker skips its own earlier batches without decoding them and the workers'
@@ -17,14 +19,18 @@ resume are bitwise those of an uninterrupted run.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import tarfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen_schemes
 
 from data_prep.storage import S3Storage, open_storage
 
@@ -56,36 +62,30 @@ def shards_of(root: str, manifest: dict, split: str) -> list[Shard]:
             if s["samples"] > 0]
 
 
-def open_stream(url: str):
-    """A readable binary stream of a local file or an S3 object (boto3, endpoint from env)."""
-    if url.startswith("s3://"):
-        obj = S3Storage(url)
-        return obj.client.get_object(Bucket=obj.bucket, Key=obj.prefix)["Body"]
-    return open(url, "rb")
+def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_) -> object:
+    """webdataset's opener for ``s3://``: a boto3 streaming body (endpoint, region and keys from
+    the environment, as everywhere in the project; webdataset's own runs the AWS CLI)."""
+    obj = S3Storage(url)
+    return obj.client.get_object(Bucket=obj.bucket, Key=obj.prefix)["Body"]
+
+
+gopen_schemes["s3"] = _open_s3
 
 
 def read_shard(url: str) -> Iterator[dict]:
-    """Raw samples of one shard: {"__key__", member suffix: bytes}; the image as ``img``.
-    A damaged tar is an error naming the shard and the last good sample."""
-    import tarfile
-
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    stream = open_stream(url)
+    """Raw samples of one shard through webdataset's pipeline: {"__key__", member suffix:
+    bytes}, the image as ``img``. A damaged tar is an error naming the shard and the last
+    good sample (webdataset's own message names neither)."""
+    samples = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(),
+                               wds.rename(img="img.jpg;img.png"))
     last = None
     try:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        for sample in group_by_keys(files):
-            for ext in ("img.jpg", "img.png"):
-                if ext in sample:
-                    sample["img"] = sample.pop(ext)
+        for sample in samples:
             last = sample["__key__"]
             yield sample
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         raise ShardError(f"shard {url} is damaged after sample {last!r} "
-                         f"({type(err).__name__}: {err}): run `dups prep` again") from err
-    finally:
-        stream.close()
+                         f"({type(err).__name__}: {str(err.args[0] if err.args else err).split(' @ ')[0]}): run `dups prep` again") from err
 
 
 def read_samples(shard: Shard, first: int, stop: int) -> Iterator[dict]:
@@ -137,19 +137,6 @@ def plan_epoch(shards: list[Shard], epoch: int, seed: int, streams: int, batch_s
     return StreamPlan(tuple(pieces), batches)
 
 
-def shuffled(samples: Iterator[dict], buffer: int, rng: random.Random) -> Iterator[dict]:
-    pool: list[dict] = []
-    for s in samples:
-        if len(pool) < buffer:
-            pool.append(s)
-            continue
-        i = rng.randrange(buffer)
-        yield pool[i]
-        pool[i] = s
-    rng.shuffle(pool)
-    yield from pool
-
-
 def collate(samples: list[dict]) -> dict:
     out = {"image": torch.stack([s["image"] for s in samples]),
            "label": torch.stack([s["label"] for s in samples]),
@@ -185,13 +172,14 @@ class TrainStream(IterableDataset):
     def _stream_samples(self, epoch: int, stream: int) -> Iterator[tuple[int, dict]]:
         plan = self.plan(epoch)
         rng = random.Random(f"{self.seed}-{epoch}-{stream}-buffer")
-        def raw():
-            for i, first, stop in plan.pieces[stream]:
-                yield from read_samples(self.shards[i], first, stop)
-        for index, sample in enumerate(shuffled(raw(), self.buffer, rng)):
-            yield index, sample
+        # the stream's own run of samples (plan_epoch), not webdataset's split_by_node /
+        # split_by_worker: those split by shard, so ranks would take different numbers of batches
+        raw = (sample for i, first, stop in plan.pieces[stream] for sample in read_samples(self.shards[i], first, stop))
+        yield from enumerate(wds.shuffle(self.buffer, initial=self.buffer, rng=rng)(raw))
 
     def __iter__(self) -> Iterator[dict]:
+        """Batches by hand, not ``wds.batched``: on resume a worker passes over its earlier
+        batches without decoding them, which needs the count of samples per batch here."""
         info = get_worker_info()
         physical = info.id if info else 0
         if info is not None and info.num_workers != self.workers:
@@ -262,11 +250,6 @@ class EvalStream(IterableDataset):
         return len(range(self.rank, total, self.world))
 
     def __iter__(self):
-        n = 0
-        for shard in self.shards:
-            for sample in read_shard(shard.url):
-                if self.limit and n >= self.limit:
-                    return
-                if n % self.world == self.rank:
-                    yield self.transform(sample)
-                n += 1
+        samples = itertools.chain.from_iterable(read_shard(shard.url) for shard in self.shards)
+        return iter(wds.DataPipeline(lambda: samples, wds.slice(0, self.limit or None),
+                                     wds.slice(self.rank, None, self.world), wds.map(self.transform)))
