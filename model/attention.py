@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .tokens import raster_cells
 
-BACKENDS = ("auto", "torch", "natten", "xformers")
+BACKENDS = ("auto", "torch", "natten", "xformers", "fused")
 # Fourier basis of the position bias: wavelengths in units of the stage's finest patch side,
 # in four directions (0, 45, 90, 135 degrees).
 BIAS_WAVELENGTHS = (4.0, 16.0, 64.0)
@@ -315,6 +315,8 @@ def resolve_backend(backend: str, nbhd: Neighbourhood) -> str:
     if backend != "auto":
         if backend == "natten" and nbhd.grid is None:
             raise ValueError("the natten backend needs tokens on a full regular grid")
+        if backend == "fused" and nbhd.query_rows is None:
+            raise ValueError("the fused backend takes clustered tokens (grid and global stages use natten / SDPA)")
         return backend
     if nbhd.centres.device.type != "cuda":  # the fast kernels are CUDA kernels
         return "torch"
@@ -399,7 +401,14 @@ def attend_natten(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> T
     return out.reshape(b, n, h, size)[..., :dv]
 
 
-_ATTEND = {"torch": attend_torch, "xformers": attend_xformers, "natten": attend_natten}
+def attend_fused(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Tensor:
+    """The Triton kernel of ``model.fused_attention`` (imported on first use: Triton is optional)."""
+    from .fused_attention import attend_fused as fused
+
+    return fused(q, kv, nbhd, scale)
+
+
+_ATTEND = {"torch": attend_torch, "xformers": attend_xformers, "natten": attend_natten, "fused": attend_fused}
 
 
 class NeighbourhoodAttention(nn.Module):
