@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/attention.py [--tokens 21760] [--grid 32] [--repeats 5] [--bf16]
 
 1. Grid (stage 1 / dense baselines): torch reference vs natten, same numbers checked.
-2. Mixed-resolution tokens: torch reference vs xformers (CUDA only), same numbers checked.
+2. Mixed-resolution tokens: torch reference vs xformers and the fused Triton kernel (CUDA
+   only), same numbers checked; the fused kernel also forward + backward.
 3. Per stage-4-sized set: Hilbert clustering + the two-level nearest-neighbour search (once per
    stage; the exact all-token search beside it) and the gathers, as fractions of one block's time.
 """
@@ -22,6 +23,7 @@ from model.attention import (BIAS_DIRECTIONS, BIAS_WAVELENGTHS, NeighbourhoodAtt
                              _groups, cluster_neighbourhood, grid_neighbourhood,
                              natten_fast_available, values_padded_on, xformers_available)
 from model.encoder import Block  # noqa: E402
+from model.fused_attention import available as fused_available  # noqa: E402
 
 
 def timer(device, repeats):
@@ -94,6 +96,21 @@ def main() -> None:
         line += f", xformers {t_x:.2f} ms, xformers/torch {t_x / t_ref:.2f}x, max |diff| {err:.1e}"
     else:
         line += ", xformers: no CUDA kernel here (not measured)"
+    if device.type == "cuda" and fused_available():
+        attn.backend = "fused"
+        err = (attn(x, nbhd).float() - ref.float()).abs().max().item()
+        t_f = run(lambda: attn(x, nbhd))
+        line += f", fused (Triton) {t_f:.2f} ms, torch/fused {t_ref / t_f:.2f}x, max |diff| {err:.1e}"
+        with torch.enable_grad():  # training: forward + backward, the kernel's scatter of key gradients
+            xg = x.detach().requires_grad_()
+            def step(backend):
+                attn.backend = backend
+                attn(xg, nbhd).float().sum().backward()
+            t_tb, t_fb = run(lambda: step("torch")), run(lambda: step("fused"))
+        line += f"; forward + backward torch {t_tb:.2f} ms, fused {t_fb:.2f} ms ({t_tb / t_fb:.2f}x)"
+        attn.backend = "torch"
+    else:
+        line += ", fused (Triton): CUDA only (not measured)"
     print(line)
 
     block = Block(args.dim, args.dim // 32, 4.0, 0.0).to(device, dtype).eval()
