@@ -116,6 +116,8 @@ def _predict(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     config = load_config(args.config) if args.config else None
     pre = load_pretrained(args.checkpoint, device, config)
+    if args.bf16:
+        pre.model.to(torch.bfloat16)
     report = predict_images(pre, args.images, args.out, args.batch_size, args.workers,
                             tokens=args.tokens, stats=args.stats, dataset=args.dataset)
     print(f"segmented {report.images} images with {report.source} into {report.out} "
@@ -216,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, choices=["ade20k", "cocostuff", "cityscapes"],
                    help="label ids to write (default: the dataset the weights were trained on)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights: no per-forward weight casts (GPU)")
     p.add_argument("--config", default=None, help="the config the weights were trained with, when no "
                    "config was saved with them")
     p.set_defaults(func=_predict)

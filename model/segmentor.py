@@ -115,13 +115,13 @@ class DUPSSegmentor(nn.Module):
         one size run as one batch where the policy allows (see ``probabilities``)."""
         inputs = list(images) if not isinstance(images, Tensor) or images.dim() == 4 else [images]
         inputs = [to_input(im) for im in inputs]
-        device = next(self.parameters()).device
+        weight = next(self.parameters())  # bf16 weights (``model.to(torch.bfloat16)``) take bf16 inputs
         labels: list[Tensor | None] = [None] * len(inputs)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, x in enumerate(inputs):
             by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
         for idx in by_size.values():
-            batch = torch.stack([inputs[i] for i in idx]).to(device)
+            batch = torch.stack([inputs[i] for i in idx]).to(weight.device, weight.dtype)
             for i, lab in zip(idx, self.probabilities(batch, policy).argmax(1).cpu()):
                 labels[i] = lab
         return labels
