@@ -9,7 +9,9 @@ number of steps and none can hang on a collective; the few samples beyond m_e ba
 stream (fewer than a batch) wait for the next epoch's permutation.
 
 Shards are read, and samples shuffled, by webdataset's own pipeline stages; what is written
-here is what exact resume and equal batch counts need (each says why). Samples pass
+here is what exact resume and equal batch counts need (each says why). Decoding stays in
+``augment`` (after the shuffle, seeded per sample): a label PNG must keep its palette indices,
+which webdataset's image decoders convert. Samples pass
 webdataset's shuffle buffer (seeded per stream and epoch) as raw bytes; decoding and
 augmentation come after, with a generator seeded by (seed, epoch, stream, index). The
 position is (epoch, batches taken in the epoch); DataLoader serves workers round-robin, so
