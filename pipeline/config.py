@@ -72,6 +72,9 @@ class UpsamplingConfig:
     # layer's mask loss and the heads become selective (BENCHMARKS.md section 1b).
     score_weight: float = 1000.0
     oracle_rate: float = 0.0  # Table 7
+    # Fraction of the iterations trained with full upsampling before ``policy`` takes over
+    # (0: the paper's, the policy from the first step). The score heads learn either way.
+    full_warmup: float = 0.0
     random_start: float = 1.0  # pre-training schedule (App. A)
     random_end: float = 0.5
     random_shape: str = "linear"

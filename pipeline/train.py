@@ -146,6 +146,7 @@ class Trainer:
             self.criterion = SegmentationCriterion(cfg.model.num_classes,
                                                    CriterionConfig(score_weight=cfg.upsampling.score_weight))
             self.policy = RatioPolicy.from_preset(cfg.upsampling.policy, cfg.upsampling.preset)
+            self.full_policy = RatioPolicy.from_preset("full", cfg.upsampling.preset)
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + 1)  # per-rank randomness from here
         self.step, client = 0, {}
         self.nonfinite, self.in_a_row = 0, 0
@@ -229,7 +230,8 @@ class Trainer:
             oracle = oracle_maps(batch["label"], cfg.upsampling.oracle_rate, self.oracle_gen)
             if oracle is not None:
                 oracle = {k: v.to(self.device) for k, v in oracle.items()}
-            out = self.engine(images, self.policy, oracle_maps=oracle)
+            policy = self.full_policy if in_full_warmup(self.step, cfg) else self.policy
+            out = self.engine(images, policy, oracle_maps=oracle)
             maps = {k: v.to(self.device) for k, v in batch["scores"].items()}
             terms = self.criterion(out.predictions, labels, out.records, score_maps=maps)
             loss = terms["loss"]
@@ -334,6 +336,11 @@ class Trainer:
             self.tracker.pictures(res.pictures, [f"tokens_step{self.step:08d}_{i}" for i in range(len(res.pictures))])
             self.tracker.text(res.table(manifest.get("classes", [])), f"eval/step{self.step:08d}.txt")
         return res.metrics()
+
+
+def in_full_warmup(step: int, cfg: Config) -> bool:
+    """Whether the step (0-based) trains with full upsampling (``upsampling.full_warmup``)."""
+    return step < cfg.upsampling.full_warmup * cfg.train.iters
 
 
 def _utilisation(step_flops: int, step_time: float, world: int, dtype: torch.dtype) -> dict[str, float]:

@@ -127,3 +127,11 @@ def test_param_groups_and_schedule():
     assert lr_factor(40000, 80000, cfg) == pytest.approx(0.5 ** 0.9)
     opt = build_optimizer(model, cfg)
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_full_upsampling_warmup_covers_the_first_fraction_of_training():
+    from pipeline.train import in_full_warmup
+
+    cfg = load_config("demo", ["train.iters=10", "upsampling.full_warmup=0.3"])
+    assert [in_full_warmup(step, cfg) for step in range(10)] == [True] * 3 + [False] * 7
+    assert not any(in_full_warmup(step, load_config("demo", ["train.iters=10"])) for step in range(10))
