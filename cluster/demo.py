@@ -39,7 +39,7 @@ def run_demo(out: str = "demo_run", iters: int = 300, train_images: int = 48, va
         print(f"      {manifest['splits']['train']['samples']} train / {manifest['splits']['val']['samples']} "
               f"val samples, {len(manifest['rejected'])} rejected", flush=True)
         cfg = load_config("demo", [f"data.train={root / 'shards'}", f"train.output={root / 'runs'}",
-                                   f"train.iters={iters}", f"train.eval_every={iters}",
+                                   f"train.iters={iters}", f"train.eval_every={max(1, iters // 3)}",
                                    f"train.checkpoint_every={max(1, iters // 2)}",
                                    f"launch.workers={workers}", *extra])
         print(f"[3/4] train: {cfg.model.name} on {workers} Ray Train workers, DeepSpeed ZeRO-"

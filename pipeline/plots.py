@@ -38,7 +38,7 @@ def curves_figure(history: History) -> Figure:
         draw(split, f"val/split_ratio_block{b + 1}", f"block {b + 1} ({scales[b]} px) split",
              color=colours[b], marker="o")
         draw(split, f"val/oracle_ratio_block{b + 1}", f"block {b + 1} ground truth",
-             color=colours[b], linestyle="--")
+             color=colours[b], linestyle="--", marker="x")
     split.set_title("share of candidates split")
     split.set_ylim(0, 1.05)
     for ax, any_data in ((loss, "train/loss" in history), (metrics, any(shown)), (split, bool(split.lines))):

@@ -24,6 +24,9 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     train_run = next(r for r in runs if r.data.tags.get("task") == "finetune")
     pictures = [a.path for a in client.list_artifacts(train_run.info.run_id, "pictures")]
     assert pictures and pictures[0].endswith(".png")
+    # several evaluations over training, drawn with the loss in the run's curves picture
+    assert sorted(m.step for m in client.get_metric_history(train_run.info.run_id, "val/mIoU")) == [5, 10, 15, 16]
+    assert [a.path for a in client.list_artifacts(train_run.info.run_id, "plots")] == ["plots/curves.png"]
     evals = [r for r in runs if r.data.tags.get("task") == "eval" and r.data.params["upsampling.policy"] == "dynamic"]
     assert evals and evals[0].data.metrics["val/mIoU"] == pytest.approx(summary["mIoU"])
     assert f"mIoU (dynamic upsampling): {summary['mIoU']:.1f}%" in out

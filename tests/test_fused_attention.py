@@ -1,13 +1,9 @@
 """The fused Triton kernel of clustered attention against the reference, forward and
 gradients; on a CPU through Triton's interpreter (small shapes), on a GPU natively."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # read when the kernels are defined: before the import below
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # on a CPU in its interpreter: TRITON_INTERPRET=1 (conftest.py)
 
 from model.attention import NeighbourhoodAttention, cluster_neighbourhood  # noqa: E402
 
