@@ -16,8 +16,14 @@ from .ratios import RatioPolicy
 from .upsampling import UpsampleRecord
 
 # The ImageNet statistics every DUPS model is trained with (RGB, 0..255), as mmsegmentation.
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
+PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
+PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+
+
+def normalise(image: np.ndarray) -> Tensor:
+    """An H x W x 3 RGB array (0..255) as the model's normalised (3, H, W) float input: the one
+    normalisation of training, evaluation and ``predict``."""
+    return torch.from_numpy(((image.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1).copy())
 
 
 def to_input(image) -> Tensor:
@@ -25,11 +31,10 @@ def to_input(image) -> Tensor:
     (3, H, W) float input; a (3, H, W) float tensor is taken as normalised already."""
     if isinstance(image, Tensor) and image.dim() == 3 and image.shape[0] == 3 and image.is_floating_point():
         return image
-    arr = torch.from_numpy(np.array(image.convert("RGB") if hasattr(image, "convert") else image))  # a copy
-    if arr.dim() != 3 or arr.shape[2] != 3:
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected an RGB image (H x W x 3), got shape {tuple(arr.shape)}")
-    mean, std = torch.tensor(PIXEL_MEAN), torch.tensor(PIXEL_STD)
-    return ((arr.float() - mean) / std).permute(2, 0, 1).contiguous()
+    return normalise(arr)
 
 
 @dataclass

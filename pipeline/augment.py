@@ -17,12 +17,10 @@ import torch
 from PIL import Image
 
 from model.edges import SCORE_SCALES, edge_scores
-from model.segmentor import PIXEL_MEAN, PIXEL_STD
+from model.segmentor import PIXEL_MEAN as MEAN, PIXEL_STD as STD, normalise  # noqa: F401 (MEAN, STD: pictures, tests)
 
 from . import classification_aug
 
-MEAN = np.array(PIXEL_MEAN, dtype=np.float32)  # ImageNet, RGB, 0..255
-STD = np.array(PIXEL_STD, dtype=np.float32)
 IGNORE = 255
 
 
@@ -71,10 +69,6 @@ def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if not contrast_first:
         img = contrast(img)
     return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def normalise(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(((image.astype(np.float32) - MEAN) / STD).transpose(2, 0, 1).copy())
 
 
 def pad_to(image: torch.Tensor, label: torch.Tensor, height: int, width: int):
