@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from model.edges import SCORE_SCALES, edge_scores
-from model.segmentor import PIXEL_MEAN as MEAN, PIXEL_STD as STD, normalise  # noqa: F401 (MEAN, STD: pictures, tests)
+from model.segmentor import normalise
 
 from . import classification_aug
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from model.segmentor import PIXEL_MEAN, PIXEL_STD
 from model.upsampling import UpsampleRecord
 
-from .augment import MEAN, STD
 
 
 def palette(classes: int) -> np.ndarray:
@@ -24,7 +24,7 @@ def colourise(label: np.ndarray, classes: int) -> np.ndarray:
 
 def denormalise(image) -> np.ndarray:
     """(3, H, W) normalised tensor -> (H, W, 3) uint8."""
-    arr = image.float().cpu().numpy().transpose(1, 2, 0) * STD + MEAN
+    arr = image.float().cpu().numpy().transpose(1, 2, 0) * PIXEL_STD + PIXEL_MEAN
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 

@@ -65,6 +65,7 @@ def test_training_targets_line_up_with_the_tokens_the_model_sees():
     (brute force, not ``edge_scores``), and the image pixels under it show the same classes."""
     import io
     from PIL import Image
+    from model.segmentor import PIXEL_MEAN, PIXEL_STD
     from model.tokens import grid_centres
     from pipeline import augment
 
@@ -87,7 +88,7 @@ def test_training_targets_line_up_with_the_tokens_the_model_sees():
             centres = grid_centres(64, 64, s)[None]
             got = token_targets(out["scores"][s][None], centres, s)[0].numpy()
             np.testing.assert_allclose(got, brute_force_scores(lab, s).reshape(-1), atol=1e-7)
-        pixels = (out["image"].numpy().transpose(1, 2, 0) * augment.STD + augment.MEAN)
+        pixels = (out["image"].numpy().transpose(1, 2, 0) * PIXEL_STD + PIXEL_MEAN)
         inside = lab != 255
         nearest = np.abs(pixels[inside][:, None] - colours[None].astype(np.float32)).sum(-1).argmin(1)
         assert (nearest == lab[inside]).mean() > 0.97  # all but resampled boundary pixels
