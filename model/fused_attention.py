@@ -32,14 +32,12 @@ def _block(n: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _forward(q_ptr, kv_ptr, out_ptr, lse_ptr, query_rows, key_rows, scale,
-                 heads, dq, dv, n_queries, n_keys,
-                 stride_q_row, stride_q_head, stride_kv_row, stride_kv_head,
-                 stride_o_row, stride_o_head,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQ: tl.constexpr,
-                 BLOCK_DV: tl.constexpr):
-        group = tl.program_id(0)
-        head = tl.program_id(1)
+    def _group_tiles(q_ptr, kv_ptr, query_rows, key_rows, group, head, dq, dv, n_queries, n_keys,
+                     stride_q_row, stride_q_head, stride_kv_row, stride_kv_head,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQ: tl.constexpr,
+                     BLOCK_DV: tl.constexpr):
+        """One group's query rows and key rows, and its queries, keys and values (fp32) read
+        from the token tables by those rows; padding lanes masked to 0."""
         m = tl.arange(0, BLOCK_M)
         k = tl.arange(0, BLOCK_K)
         d = tl.arange(0, BLOCK_DQ)
@@ -53,6 +51,20 @@ if triton is not None:
         kv_base = kv_ptr + keys[:, None] * stride_kv_row + head * stride_kv_head
         key = tl.load(kv_base + dv + d[None, :], mask=k_ok[:, None] & (d[None, :] < dq), other=0.0).to(tl.float32)
         val = tl.load(kv_base + e[None, :], mask=k_ok[:, None] & (e[None, :] < dv), other=0.0).to(tl.float32)
+        return m, d, e, m_ok, k_ok, rows, keys, q, key, val
+
+    @triton.jit
+    def _forward(q_ptr, kv_ptr, out_ptr, lse_ptr, query_rows, key_rows, scale,
+                 heads, dq, dv, n_queries, n_keys,
+                 stride_q_row, stride_q_head, stride_kv_row, stride_kv_head,
+                 stride_o_row, stride_o_head,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQ: tl.constexpr,
+                 BLOCK_DV: tl.constexpr):
+        group = tl.program_id(0)
+        head = tl.program_id(1)
+        m, d, e, m_ok, k_ok, rows, keys, q, key, val = _group_tiles(
+            q_ptr, kv_ptr, query_rows, key_rows, group, head, dq, dv, n_queries, n_keys,
+            stride_q_row, stride_q_head, stride_kv_row, stride_kv_head, BLOCK_M, BLOCK_K, BLOCK_DQ, BLOCK_DV)
         s = tl.dot(q, tl.trans(key), input_precision="ieee") * scale
         s = tl.where(k_ok[None, :], s, float("-inf"))
         top = tl.max(s, 1)
@@ -72,22 +84,12 @@ if triton is not None:
                   BLOCK_DV: tl.constexpr):
         group = tl.program_id(0)
         head = tl.program_id(1)
-        m = tl.arange(0, BLOCK_M)
-        k = tl.arange(0, BLOCK_K)
-        d = tl.arange(0, BLOCK_DQ)
-        e = tl.arange(0, BLOCK_DV)
-        m_ok = m < n_queries
-        k_ok = k < n_keys
-        rows = tl.load(query_rows + group * n_queries + m, mask=m_ok, other=0).to(tl.int64)
-        keys = tl.load(key_rows + group * n_keys + k, mask=k_ok, other=0).to(tl.int64)
+        m, d, e, m_ok, k_ok, rows, keys, q, key, val = _group_tiles(
+            q_ptr, kv_ptr, query_rows, key_rows, group, head, dq, dv, n_queries, n_keys,
+            stride_q_row, stride_q_head, stride_kv_row, stride_kv_head, BLOCK_M, BLOCK_K, BLOCK_DQ, BLOCK_DV)
         q_mask = m_ok[:, None] & (d[None, :] < dq)
-        q = tl.load(q_ptr + rows[:, None] * stride_q_row + head * stride_q_head + d[None, :],
-                    mask=q_mask, other=0.0).to(tl.float32)
-        kv_base = kv_ptr + keys[:, None] * stride_kv_row + head * stride_kv_head
         k_mask = k_ok[:, None] & (d[None, :] < dq)
         v_mask = k_ok[:, None] & (e[None, :] < dv)
-        key = tl.load(kv_base + dv + d[None, :], mask=k_mask, other=0.0).to(tl.float32)
-        val = tl.load(kv_base + e[None, :], mask=v_mask, other=0.0).to(tl.float32)
         o_mask = m_ok[:, None] & (e[None, :] < dv)
         dout = tl.load(dout_ptr + rows[:, None] * stride_o_row + head * stride_o_head + e[None, :],
                        mask=o_mask, other=0.0).to(tl.float32)
@@ -110,7 +112,7 @@ if triton is not None:
 
 
 def _launch_shape(q: Tensor, kv: Tensor, query_rows: Tensor, key_rows: Tensor, groups: int):
-    rows_q, heads, dq = q.shape
+    heads, dq = q.shape[1:]
     dv = kv.shape[-1] - dq
     m, k = query_rows.numel() // groups, key_rows.numel() // groups
     blocks = dict(BLOCK_M=_block(m), BLOCK_K=_block(k), BLOCK_DQ=_block(dq), BLOCK_DV=_block(dv))
