@@ -223,6 +223,14 @@ def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
+def weights_and_config(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict]:
+    """The fp32 weights and the saved ``config.json`` ({} if none) of a complete checkpoint,
+    from one local copy of it."""
+    with local_copy(ref) as folder:
+        config_file = folder / "config.json"
+        return fp32_state_dict(folder), json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
 def model_state(path: str, name: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """(fp32 state dict, where it came from) of exported weights (``.safetensors``), a
     weights-only ``.pt`` file, or the newest complete checkpoint in a folder (local or S3).

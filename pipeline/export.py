@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data_prep.storage import open_storage
 
-from .checkpoints import find_checkpoint, fp32_state_dict, local_copy
+from .checkpoints import find_checkpoint, weights_and_config
 
 
 def config_path(weights: str) -> str:
@@ -28,10 +28,8 @@ def export_weights(source: str, out: str, name: str | None = None) -> str:
     if not out.endswith(".safetensors"):
         raise ValueError(f"export: {out} must end in .safetensors")
     ref = find_checkpoint(source, name)
-    with local_copy(ref) as folder:
-        state = {k: v.contiguous().clone() for k, v in fp32_state_dict(folder).items()}
-        config_file = folder / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    weights, config = weights_and_config(ref)
+    state = {k: v.contiguous().clone() for k, v in weights.items()}  # safetensors: no shared storage
     if "://" in out:
         parent, _, base = out.rpartition("/")
     else:

@@ -14,7 +14,7 @@ import torch
 
 from model.ratios import RatioPolicy
 
-from .checkpoints import find_checkpoint, local_file, model_state
+from .checkpoints import find_checkpoint, local_file, model_state, weights_and_config
 from .config import Config, ConfigError, config_from_dict
 
 
@@ -25,35 +25,36 @@ class Pretrained:
     source: str  # the file or checkpoint the weights came from
 
 
-def _config_of(path: str) -> tuple[dict, str]:
-    """(the run's config dict, where it was read) for weights at ``path``."""
-    if path.endswith(".safetensors"):
-        from .export import config_path
+def _exported_config(path: str) -> tuple[dict, str]:
+    """(the run's config dict, where it was looked for) beside exported weights ``X.safetensors``."""
+    from .export import config_path
 
-        where = config_path(path)
-        try:
-            with local_file(where) as local:
-                return json.loads(local.read_text()).get("config") or {}, where
-        except FileNotFoundError:
-            return {}, where
-    ref = find_checkpoint(path)
-    where = ref.url.rstrip("/") + "/config.json"
-    with local_file(where) as local:
-        return json.loads(local.read_text()), where
+    where = config_path(path)
+    try:
+        with local_file(where) as local:
+            return json.loads(local.read_text()).get("config") or {}, where
+    except FileNotFoundError:
+        return {}, where
 
 
 def load_pretrained(path: str, device: str | torch.device = "cpu", config: Config | None = None) -> Pretrained:
-    """The model of ``path`` built from the config saved with it (or ``config``, which wins)."""
+    """The model of ``path`` built from the config saved with it (or ``config``, which wins).
+    A checkpoint is copied once for both its weights and its ``config.json``."""
     from .train import build_model
 
+    if path.endswith((".safetensors", ".pt")):
+        state, source = model_state(path)
+        data, where = _exported_config(path) if path.endswith(".safetensors") else ({}, path)
+    else:
+        ref = find_checkpoint(path, config.name if config else None)
+        (state, data), source = weights_and_config(ref), ref.url
+        where = f"{ref.url.rstrip('/')}/config.json"
     if config is None:
-        data, where = _config_of(path)
         if not data:
             raise ConfigError(f"{path}: no config saved with these weights ({where}); export them with "
                               "`dups export`, or name the config they were trained with")
         config = config_from_dict(data, where)
     model = build_model(config)
-    state, source = model_state(path, config.name)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{source}: these weights do not fit {config.model.name} "
