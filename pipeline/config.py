@@ -228,20 +228,27 @@ def _set(tree: dict, dotted: str, value) -> None:
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+def _set_origin(origin: dict[str, str], dotted: str, where: str, replaced: bool) -> None:
+    """``dotted`` was set by ``where``; ``replaced``: its old value (a section perhaps) is gone,
+    so are the origins of the keys under it."""
+    if replaced:
+        for stale in [k for k in origin if k.startswith(dotted + ".")]:
+            del origin[stale]
+    origin[dotted] = where
+
+
 def _merge(into: dict, data: dict, origin: dict[str, str], where: str, prefix: str = "") -> None:
     """``data`` over ``into`` key by key (mappings recursively); ``origin`` records, for each
     dotted key, the file that set it last."""
     for key, value in data.items():
         dotted = prefix + str(key)
-        for stale in [k for k in origin if k.startswith(dotted + ".")] if not isinstance(value, dict) else []:
-            del origin[stale]
         if isinstance(value, dict):
             if not isinstance(into.get(key), dict):
                 into[key] = {}
             _merge(into[key], value, origin, where, dotted + ".")
         else:
             into[key] = value
-        origin[dotted] = where
+        _set_origin(origin, dotted, where, replaced=not isinstance(value, dict))
 
 
 def _read(path: Path, shown: str, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
@@ -290,9 +297,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         _set(data, key.strip(), yaml.safe_load(raw))
-        for stale in [k for k in origin if k.startswith(key.strip() + ".")]:
-            del origin[stale]
-        origin[key.strip()] = f"override {item}"
+        _set_origin(origin, key.strip(), f"override {item}", replaced=True)
     if "name" not in data and path:
         data["name"] = Path(path).stem
     return _build(Config, data, "", origin)

@@ -15,6 +15,10 @@ from .credentials import redact, redact_tree, split_userinfo
 SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
 
 
+def _names_secret(key: str) -> bool:
+    return any(w in key.lower() for w in SECRET_WORDS)
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in tree.items():
@@ -23,13 +27,13 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
             out.update(flatten(v, key + "."))
         else:
             out[key] = redact(str(list(v) if isinstance(v, tuple) else v))[:6000]
-    return {k: v for k, v in out.items() if not any(w in k.lower() for w in SECRET_WORDS)}
+    return {k: v for k, v in out.items() if not _names_secret(k)}
 
 
 def _without_secrets(tree):
     """Tuples as lists (plain YAML) and no key that names a secret."""
     if isinstance(tree, dict):
-        return {k: _without_secrets(v) for k, v in tree.items() if not any(w in k.lower() for w in SECRET_WORDS)}
+        return {k: _without_secrets(v) for k, v in tree.items() if not _names_secret(k)}
     return [_without_secrets(v) for v in tree] if isinstance(tree, (list, tuple)) else tree
 
 
