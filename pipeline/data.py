@@ -9,11 +9,10 @@ number of steps and none can hang on a collective; the few samples beyond m_e ba
 stream (fewer than a batch) wait for the next epoch's permutation.
 
 Shards are read, and samples shuffled, by webdataset's own pipeline stages; what is written
-here is what exact resume and equal batch counts need (each says why). Decoding stays in
-``augment`` (after the shuffle, seeded per sample): a label PNG must keep its palette indices,
-which webdataset's image decoders convert. Samples pass
+here is what exact resume and equal batch counts need (each says why). Samples pass
 webdataset's shuffle buffer (seeded per stream and epoch) as raw bytes; decoding and
-augmentation come after, with a generator seeded by (seed, epoch, stream, index). The
+augmentation come after, in ``augment`` (a label PNG must keep its palette indices, which
+webdataset's image decoders convert), with a generator seeded by (seed, epoch, stream, index). The
 position is (epoch, batches taken in the epoch); DataLoader serves workers round-robin, so
 on resume each worker skips its own earlier batches without decoding them and the workers'
 roles are rotated so that the first batch comes from the right one. The batches after a
