@@ -33,4 +33,6 @@ if [ "${1:-}" != quick ]; then
     step 120 benchmarks/attention.py --repeats 20 --bf16 --grid 128
     step 120 benchmarks/attention.py --repeats 20 --bf16 --grid 128 --tokens 87040
     step 240 benchmarks/memory.py --bf16
+    step 150 benchmarks/packed.py --bf16 --batch 8 --repeats 10
+    step 150 benchmarks/packed.py --bf16 --batch 8 --repeats 10 --bucket 0.1
 fi

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -118,6 +119,9 @@ def _predict(args: argparse.Namespace) -> int:
     pre = load_pretrained(args.checkpoint, device, config)
     if args.bf16:
         pre.model.to(torch.bfloat16)
+    if args.bucket is not None:
+        encoder = pre.model.encoder
+        encoder.ratio_policy = dataclasses.replace(encoder.ratio_policy, bucket=args.bucket)
     report = predict_images(pre, args.images, args.out, args.batch_size, args.workers,
                             tokens=args.tokens, stats=args.stats, dataset=args.dataset)
     print(f"segmented {report.images} images with {report.source} into {report.out} "
@@ -210,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="exported .safetensors (its .json beside it) or a "
                    "checkpoint, run folder or train.output (local or s3://)")
     p.add_argument("--out", required=True, help="folder for labels/, overlay/, tokens/, report.json")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward (eq. 1 runs each on its own)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward: images of one size run as "
+                   "one packed batch, each with its own eq. 1 budget (--tokens and --stats run one by one)")
+    p.add_argument("--bucket", type=float, default=None, help="pad eq. 1's budgets to multiples of this "
+                   "fraction of the candidates (fewer shapes for a compiled forward; same labels)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes")
     p.add_argument("--tokens", action="store_true", help="also the token-selection picture of each image")
     p.add_argument("--stats", action="store_true", help="also GFLOPs and tokens per stage of each image "

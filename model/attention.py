@@ -36,6 +36,8 @@ BACKENDS = ("auto", "torch", "natten", "xformers", "fused")
 BIAS_WAVELENGTHS = (4.0, 16.0, 64.0)
 BIAS_DIRECTIONS = 4
 _CDIST_CHUNK_ELEMENTS = 1 << 24
+# Where a packed batch's padding tokens are searched from (pixels): farther than any real token.
+_FAR = 1e6
 # Clusters whose tokens are the candidates of a cluster's key search (16 x 8 = 128 for 48 keys).
 # On DUPS-Tiny's stage token sets at 512x512 the keys equal the exact nearest 48 (up to ties)
 # for 100% of clusters with full upsampling and 96-99.5% with fixed or random ratios; 12
@@ -191,36 +193,60 @@ def hilbert_codes(centres: Tensor, unit: float, image_size: tuple[int, int] | No
 
 
 def _nearest(queries: Tensor, points: Tensor, k: int) -> Tensor:
-    """(B, Q, k) indices of the ``k`` points (B, P, 2) nearest to each query (B, Q, 2),
-    in chunks of queries so the distance matrix stays small."""
+    """(B, Q, k) indices of the ``k`` points (B, P, 2) nearest to each query (B, Q, 2), in
+    chunks of queries so the distance matrix stays small. Each distance is computed on its
+    own (cdist's matmul form rounds by the matrix's shape) and ties go to the lower index
+    (``_lowest``), so the choice is the same on any device and with padding after the points."""
     b, p = points.shape[:2]
+    index = torch.arange(p, device=points.device)
     chunk = max(1, _CDIST_CHUNK_ELEMENTS // max(1, b * p))
-    return torch.cat([torch.cdist(queries[:, i:i + chunk], points).topk(k, dim=-1, largest=False).indices
+    return torch.cat([_lowest(torch.cdist(queries[:, i:i + chunk], points,
+                                          compute_mode="donot_use_mm_for_euclid_dist"), index, k)
                       for i in range(0, queries.shape[1], chunk)], dim=1)
+
+
+def _lowest(dist: Tensor, index: Tensor, k: int) -> Tensor:
+    """Positions of the ``k`` smallest distances (..., P) (float32, >= 0), ordered by
+    (distance, ``index``): one int64 key per entry, the distance's bits above the index (the
+    bit patterns of non-negative floats sort as the floats do). topk alone breaks ties as its
+    kernel happens to, which differs between devices and with the row's length; on the
+    lattices of token centres ties are common (16% of DUPS-Tiny's stage-4 clusters)."""
+    key = dist.float().contiguous().view(torch.int32).long()
+    return key.bitwise_left_shift_(32).bitwise_or_(index).topk(k, dim=-1, largest=False).indices
 
 
 def cluster_neighbourhood(centres: Tensor, unit: float, cluster_size: int = 8,
                           nbhd_size: int = 48, image_size: tuple[int, int] | None = None,
-                          candidate_clusters: int = CANDIDATE_CLUSTERS) -> Neighbourhood:
+                          candidate_clusters: int = CANDIDATE_CLUSTERS,
+                          valid: Tensor | None = None) -> Neighbourhood:
     """Hilbert-curve clusters and each cluster's ``nbhd_size`` nearest tokens.
 
     The search is two-level so it stays cheap at 10^5 tokens: each cluster's
     ``candidate_clusters`` nearest clusters (by mean centre; a G x G search, not G x N) supply
     the candidates, and the nearest ``nbhd_size`` of their tokens are the keys. With no more
     clusters than that, every token is a candidate and the search is exact.
-    ``image_size`` (H, W), when known, makes the curve a table lookup."""
+    ``image_size`` (H, W), when known, makes the curve a table lookup.
+    ``valid`` (B, N), a packed batch's real tokens: padding sorts after every real token and
+    is searched as if it lay far away, so each image's real tokens get the clusters and keys
+    they get alone, provided an image has at least ``nbhd_size`` real tokens."""
     b, n, _ = centres.shape
     m = cluster_size
     with torch.no_grad():
         code = hilbert_codes(centres, unit, image_size)
+        points = centres.float()
+        if valid is not None:
+            code = code.masked_fill(~valid, torch.iinfo(code.dtype).max)
+            points = torch.where(valid[..., None], points, _FAR)
         # Stable sort: tokens in the same unit cell keep their row order.
         order = torch.sort(code, dim=1, stable=True).indices
         groups = -(-n // m)
         padded_order = _padded(order, groups * m)
-        points = centres.float()
-        slot_centres = points.gather(1, padded_order[..., None].expand(-1, -1, 2))
-        real = (torch.arange(groups * m, device=centres.device) < n).view(groups, m, 1)
-        cluster_centres = ((slot_centres.view(b, groups, m, 2) * real).sum(2) / real.sum(1))
+        slot_centres = points.gather(1, padded_order[..., None].expand(-1, -1, 2)).view(b, groups, m, 2)
+        real = (torch.arange(groups * m, device=centres.device) < n).view(1, groups, m, 1)
+        if valid is not None:  # a cluster of padding only keeps its far-away mean
+            real = real & valid.gather(1, padded_order).view(b, groups, m, 1)
+            real = real | ~real.any(2, keepdim=True)
+        cluster_centres = (slot_centres * real).sum(2) / real.sum(2)
         k = min(nbhd_size, n)
         if groups <= candidate_clusters:
             key_index = _nearest(cluster_centres, points, k)
@@ -231,7 +257,7 @@ def cluster_neighbourhood(centres: Tensor, unit: float, cluster_size: int = 8,
             dist = (points.gather(1, cand.flatten(1)[..., None].expand(-1, -1, 2)).view(*cand.shape, 2)
                     - cluster_centres[:, :, None]).square().sum(-1)
             dist = dist.masked_fill(slots >= n, float("inf"))  # padding repeats a token
-            key_index = cand.gather(2, dist.topk(k, dim=-1, largest=False).indices)
+            key_index = cand.gather(2, _lowest(dist, cand, k))
     return Neighbourhood(key_index=key_index, centres=centres, unit=unit, order=order,
                          cluster_size=m)
 

@@ -57,6 +57,7 @@ class Level:
     patch: int
     features: Tensor  # (B, n, C)
     centres: Tensor  # (B, n, 2)
+    valid: Tensor | None = None  # (B, n) real tokens of a packed batch (None: all)
 
 
 @dataclass
@@ -66,8 +67,8 @@ class EncoderOutput:
     records: list[UpsampleRecord]  # one per upsampling block
 
     @property
-    def tokens_per_stage(self) -> list[int]:
-        return list(self.tokens.offsets)
+    def tokens_per_stage(self) -> list[int | float]:
+        return self.tokens.real_counts()
 
 
 class DUPSEncoder(nn.Module):
@@ -136,10 +137,11 @@ class DUPSEncoder(nn.Module):
         nbhds: list[Neighbourhood] = []
         left_out: list[Tensor] = []
         records: list[UpsampleRecord] = []
+        pack = self.can_pack(h, w)
         for i in range(4):
             if i > 0:
                 oracle = oracle_maps[STAGE_PATCH_SIZES[i - 1]] if oracle_maps else None
-                tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle)
+                tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle, pack)
                 records.append(rec)
                 tokens = tokens.with_features(self.widen_up[i - 1](tokens.features))
             if i == 0 and self.cfg.stage1_attention == "global":
@@ -149,7 +151,8 @@ class DUPSEncoder(nn.Module):
                                           self.cfg.grid_kernel)
             else:
                 nbhd = cluster_neighbourhood(tokens.centres, float(STAGE_PATCH_SIZES[i]),
-                                             self.cfg.cluster_size, self.cfg.nbhd_size, (h, w))
+                                             self.cfg.cluster_size, self.cfg.nbhd_size, (h, w),
+                                             valid=tokens.valid)
             tokens = tokens.with_features(self.left[i](tokens.features, nbhd))
             nbhds.append(nbhd)
             left_out.append(tokens.features)
@@ -165,10 +168,16 @@ class DUPSEncoder(nn.Module):
             levels.append(self._level(i, tokens, x))
         return EncoderOutput(levels=levels, tokens=tokens, records=records)
 
+    def can_pack(self, height: int, width: int) -> bool:
+        """Whether a batch may run eq. 1 packed (padded rows) at this size: every stage's real
+        tokens, the stem's grid and up, must fill a neighbourhood, so that padding is nobody's
+        key (``cluster_neighbourhood``)."""
+        return (height // 32) * (width // 32) >= self.cfg.nbhd_size
+
     def _level(self, stage: int, tokens: TokenSet, x: Tensor) -> Level:
         rows = tokens.stage_rows(stage)
         return Level(STAGE_PATCH_SIZES[stage], self.out_norms[stage](x[:, rows]),
-                     tokens.centres[:, rows])
+                     tokens.centres[:, rows], None if tokens.valid is None else tokens.valid[:, rows])
 
 
 def _init_weights(m: nn.Module) -> None:

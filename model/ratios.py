@@ -4,7 +4,9 @@ K = floor(N_s * gamma) exactly (ratios are kept as fractions, so 0.85 * 20 is 17
 Policies (paper Sec. 3.2.2, Table 4, App. A):
   full       every token (gamma = 1)
   fixed      gamma = beta_s
-  per_image  eq. 1: gamma_i = mean(u > tau_s), one image at a time (inference)
+  per_image  eq. 1: gamma_i = mean(u > tau_s), per image (inference); a batch of images runs
+             packed: each stage's new rows padded to the batch's largest K (``bucket``: rounded up
+             to a multiple of ceil(bucket * N_s), so a compiled forward sees few shapes)
   batch      eq. 2: gamma = min(max(max_i gamma_i, 0.1), beta_s), one K for the batch (training)
   dynamic    eq. 2 while training, eq. 1 at inference (the paper's best setting)
   random     K = floor(N_s * ratio), tokens chosen at random (pre-training; scores unused)
@@ -64,12 +66,15 @@ class RatioPolicy:
     tau: tuple[float, float, float] = PRESETS["ade20k"]["tau"]
     beta: tuple[float, float, float] = PRESETS["ade20k"]["beta"]
     random_ratio: float = 0.5
+    bucket: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in POLICIES:
             raise ValueError(f"unknown ratio policy {self.kind!r}; choose one of {POLICIES}")
         if not 0.0 <= self.random_ratio <= 1.0:
             raise ValueError(f"random_ratio must lie in [0, 1], got {self.random_ratio}")
+        if not 0.0 <= self.bucket <= 1.0:
+            raise ValueError(f"bucket must lie in [0, 1], got {self.bucket}")
 
     @classmethod
     def from_preset(cls, kind: str, name: str, **kw) -> "RatioPolicy":
@@ -87,6 +92,27 @@ class RatioPolicy:
         if self.kind == "dynamic":
             return "batch" if training else "per_image"
         return self.kind
+
+    def packs(self, batch: int, training: bool) -> bool:
+        """Whether eq. 1 runs as a packed batch (padded rows): at inference, for several images
+        or a bucketed K. (Training keeps one K per batch: the losses see no padding.)"""
+        return (not training and self.effective_kind(training) == "per_image"
+                and (batch > 1 or self.bucket > 0))
+
+    def image_counts(self, block: int, scores: Tensor, valid: Tensor | None = None) -> Tensor:
+        """eq. 1's K_i = floor(N_i * gamma_i), which is the number of real candidates scored
+        above tau, per image: (B,) on the scores' device (no host read)."""
+        above = scores > self.tau[block]
+        return (above if valid is None else above & valid).sum(1)
+
+    def padded_budget(self, n: int, counts: Tensor) -> int:
+        """Rows for a packed batch's selection: the largest K_i, rounded up to the bucket; the
+        one host read of the block."""
+        k = int(counts.max()) if counts.numel() else 0
+        if self.bucket > 0 and k:
+            step = max(1, math.ceil(n * self.bucket))
+            k = min(n, -(-k // step) * step)
+        return k
 
     def num_selected(self, block: int, scores: Tensor, training: bool) -> int:
         """K for this block; ``scores`` (B, N_s) are the predicted edge fractions."""
@@ -107,7 +133,7 @@ class RatioPolicy:
         if len(counts) > 1:
             raise ValueError(
                 "per-image ratios (eq. 1) give these images different token counts "
-                f"({sorted(counts)}); run them one at a time (batch size 1) or use a batch policy")
+                f"({sorted(counts)}); run them packed (``RatioPolicy.packs``) or one at a time")
         return counts.pop()
 
 

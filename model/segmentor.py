@@ -102,14 +102,16 @@ class DUPSSegmentor(nn.Module):
     @torch.no_grad()
     def probabilities(self, images: Tensor, policy: RatioPolicy | None = None) -> Tensor:
         """Class probabilities (B, K, H, W) of a normalised batch of any size: padded to
-        multiples of 32 (zeros: the normalised mean) and cropped back. Eq. 1's budget depends
-        on the image, so a per-image policy runs each image on its own; any other runs the
-        batch in one forward."""
+        multiples of 32 (zeros: the normalised mean) and cropped back. The batch runs as one
+        forward; under eq. 1 (per-image budgets) a packed one, which gives each image what it
+        gets alone, except below 48 stem tokens (about 224 x 224), where images run one by one."""
         policy = policy or self.encoder.ratio_policy
         h, w = images.shape[-2:]
         ph, pw = -h % 32, -w % 32
         padded = F.pad(images, (0, pw, 0, ph))
-        chunks = padded.split(1) if policy.effective_kind(self.training) == "per_image" else [padded]
+        alone = (policy.effective_kind(self.training) == "per_image"
+                 and not self.encoder.can_pack(h + ph, w + pw))
+        chunks = padded.split(1) if alone else [padded]
         out = [semantic_probabilities(self(c, policy).final, (h + ph, w + pw))[..., :h, :w] for c in chunks]
         return torch.cat(out)
 
@@ -117,7 +119,7 @@ class DUPSSegmentor(nn.Module):
     def predict(self, images, policy: RatioPolicy | None = None) -> list[Tensor]:
         """Class ids (H, W) of each image: RGB images of any sizes (PIL, H x W x 3 uint8
         arrays) or normalised (3, H, W) tensors, or a normalised (B, 3, H, W) batch. Images of
-        one size run as one batch where the policy allows (see ``probabilities``)."""
+        one size run as one batch (see ``probabilities``)."""
         inputs = list(images) if not isinstance(images, Tensor) or images.dim() == 4 else [images]
         inputs = [to_input(im) for im in inputs]
         weight = next(self.parameters())  # bf16 weights (``model.to(torch.bfloat16)``) take bf16 inputs

@@ -3,7 +3,10 @@
 Upsampled parents are kept (the paper concatenates new tokens with the old ones), so the
 token sets of successive stages are nested prefixes: stage i owns rows ``[0:offsets[i]]``
 and the tokens that are new at stage i are rows ``[offsets[i-1]:offsets[i]]``. All samples
-of a batch hold the same number of tokens (batch ratio policies guarantee it).
+of a batch hold the same number of rows (batch ratio policies guarantee it). A packed batch of
+images with different budgets (eq. 1 at inference) pads each stage's new rows to the batch's
+largest budget; ``valid`` marks the real rows, and padding rows never reach a real token:
+they are no one's keys and paint no pixel.
 """
 from __future__ import annotations
 
@@ -21,12 +24,14 @@ STAGE_PATCH_SIZES = (32, 16, 8, 4)
 @dataclass
 class TokenSet:
     """Features (B, N, C), centres in pixels (B, N, 2) as (x, y), scale index (B, N) into
-    STAGE_PATCH_SIZES, and the end row of each stage's prefix (``offsets[-1] == N``)."""
+    STAGE_PATCH_SIZES, the end row of each stage's prefix (``offsets[-1] == N``) and, in a
+    packed batch, ``valid`` (B, N): False on padding rows (None: every row is real)."""
 
     features: Tensor
     centres: Tensor
     scales: Tensor
     offsets: list[int] = field(default_factory=list)
+    valid: Tensor | None = None
 
     def __post_init__(self) -> None:
         b, n = self.features.shape[:2]
@@ -36,6 +41,8 @@ class TokenSet:
                 f"{tuple(self.centres.shape)} and scales {tuple(self.scales.shape)} disagree")
         if not self.offsets or self.offsets[-1] != n:
             raise ValueError(f"TokenSet: offsets {self.offsets} must end at N={n}")
+        if self.valid is not None and self.valid.shape != (b, n):
+            raise ValueError(f"TokenSet: valid {tuple(self.valid.shape)} is not (B, N) = {(b, n)}")
 
     @property
     def num_tokens(self) -> int:
@@ -55,19 +62,38 @@ class TokenSet:
         end = self.offsets[stage]
         feats = self.features[:, :end] if features is None else features
         return TokenSet(feats, self.centres[:, :end], self.scales[:, :end],
-                        self.offsets[: stage + 1])
+                        self.offsets[: stage + 1], None if self.valid is None else self.valid[:, :end])
 
     def with_features(self, features: Tensor) -> "TokenSet":
-        return TokenSet(features, self.centres, self.scales, list(self.offsets))
+        return TokenSet(features, self.centres, self.scales, list(self.offsets), self.valid)
 
-    def append(self, features: Tensor, centres: Tensor, scales: Tensor) -> "TokenSet":
-        """A new stage: the given tokens concatenated after the existing ones."""
+    def append(self, features: Tensor, centres: Tensor, scales: Tensor,
+               valid: Tensor | None = None) -> "TokenSet":
+        """A new stage: the given tokens (``valid``: which are real) after the existing ones."""
+        if valid is None and self.valid is None:
+            both = None
+        else:
+            both = torch.cat([all_valid(self.features) if self.valid is None else self.valid,
+                              all_valid(features) if valid is None else valid], dim=1)
         return TokenSet(
             torch.cat([self.features, features], dim=1),
             torch.cat([self.centres, centres], dim=1),
             torch.cat([self.scales, scales], dim=1),
             self.offsets + [self.num_tokens + features.shape[1]],
+            both,
         )
+
+    def real_counts(self) -> list[int | float]:
+        """Real tokens at each stage (the prefix sizes), averaged over the batch when padded."""
+        if self.valid is None:
+            return list(self.offsets)
+        means = [float(self.valid[:, :end].sum(1).float().mean()) for end in self.offsets]
+        return [int(m) if m.is_integer() else m for m in means]
+
+
+def all_valid(features: Tensor) -> Tensor:
+    """(B, N) True: the validity of rows (B, N, ...) that are all real."""
+    return torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
 
 
 def grid_centres(height: int, width: int, patch: int, device=None) -> Tensor:

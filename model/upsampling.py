@@ -51,7 +51,21 @@ class UpsampleRecord:
     patch: int  # side of the scored (parent) tokens
     centres: Tensor  # (B, N_s, 2) centres of the scored tokens
     scores: Tensor | None  # (B, N_s) predicted edge fractions (None when not computed)
-    selected: Tensor  # (B, K) indices into the scored tokens, ascending
+    selected: Tensor  # (B, K) indices into the scored tokens, ascending (a packed batch: real ones first)
+    valid: Tensor | None = None  # (B, N_s) real candidates of a packed batch (a prefix of each row)
+    chosen: Tensor | None = None  # (B, K) real entries of ``selected`` in a packed batch
+
+    def of_image(self, sample: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        """One image's real candidates: centres (n, 2), scores (n,) or None, and the indices
+        of the chosen ones among them (padding of a packed batch dropped)."""
+        centres, scores, selected = self.centres[sample], self.scores, self.selected[sample]
+        scores = None if scores is None else scores[sample]
+        if self.valid is not None:  # real candidates come first, so indices stay as they are
+            n = int(self.valid[sample].sum())
+            centres, scores = centres[:n], None if scores is None else scores[:n]
+        if self.chosen is not None:
+            selected = selected[self.chosen[sample]]
+        return centres, scores, selected
 
 
 class UpsamplingBlock(nn.Module):
@@ -83,13 +97,15 @@ class UpsamplingBlock(nn.Module):
             nn.init.constant_(self.score[-1].bias, math.log(prior / (1 - prior)))
 
     def forward(self, tokens: TokenSet, images: Tensor, policy: RatioPolicy, block: int,
-                oracle_map: Tensor | None = None) -> tuple[TokenSet, UpsampleRecord]:
+                oracle_map: Tensor | None = None, pack: bool = True) -> tuple[TokenSet, UpsampleRecord]:
         """``oracle_map``: ground-truth edge fractions (B, H/p, W/p) at this block's parent
         patch side p; when given they choose the tokens instead of the predictions (Table 7)
-        and the predictions still get their loss."""
+        and the predictions still get their loss. ``pack``: whether eq. 1 may pad a batch
+        (``RatioPolicy.packs``); the encoder forbids it where padding could become a key."""
         rows = tokens.stage_rows(tokens.num_stages - 1)
         cand = tokens.features[:, rows]
         cand_centres = tokens.centres[:, rows]
+        cand_valid = None if tokens.valid is None else tokens.valid[:, rows]
         b, n, d = cand.shape
         scores = None
         if not policy.random_selection:
@@ -98,14 +114,17 @@ class UpsamplingBlock(nn.Module):
         choose_by = scores
         if oracle_map is not None:
             choose_by = token_targets(oracle_map, cand_centres, self.parent_patch)
-        k = policy.num_selected(block, choose_by.detach() if choose_by is not None
-                                else cand.new_zeros(b, n), self.training)
+        chosen = None
         if policy.random_selection:
-            selected = torch.rand(b, n, device=cand.device).topk(k, dim=1).indices
+            k = policy.num_selected(block, cand.new_zeros(b, n), self.training)
+            selected = torch.rand(b, n, device=cand.device).topk(k, dim=1).indices.sort(dim=1).values
+        elif pack and policy.packs(b, self.training):
+            selected, chosen = select_packed(choose_by.detach(), cand_valid, policy, block)
+            k = selected.shape[1]
         else:
-            selected = choose_by.detach().topk(k, dim=1).indices
-        selected = selected.sort(dim=1).values
-        record = UpsampleRecord(self.parent_patch, cand_centres, scores, selected)
+            k = policy.num_selected(block, choose_by.detach(), self.training)
+            selected = choose_by.detach().topk(k, dim=1).indices.sort(dim=1).values
+        record = UpsampleRecord(self.parent_patch, cand_centres, scores, selected, cand_valid, chosen)
         # K = 0 runs the same code on empty tensors: every parameter still gets a (zero)
         # gradient, so data-parallel ranks with different K reduce the same buckets.
         parents = cand.gather(1, selected[..., None].expand(-1, -1, d))  # (B, K, d)
@@ -123,4 +142,20 @@ class UpsamplingBlock(nn.Module):
             pixels = pixels.gather(1, index[..., None].expand(-1, -1, pixels.shape[-1]))
             feats = feats + self.image_out(self.image_mlp(self.image_proj(pixels.to(feats.dtype))))
         scale_index = tokens.scales.new_full((b, 4 * k), tokens.num_stages)
-        return tokens.append(feats, centres, scale_index), record
+        child_valid = None if chosen is None else chosen[:, :, None].expand(-1, -1, 4).reshape(b, 4 * k)
+        return tokens.append(feats, centres, scale_index, child_valid), record
+
+
+def select_packed(scores: Tensor, valid: Tensor | None, policy: RatioPolicy,
+                  block: int) -> tuple[Tensor, Tensor]:
+    """Eq. 1 for a batch of images with different budgets: each image's K_i top-scored real
+    candidates in ascending order (what the image alone would choose), then padding up to the
+    batch's shared width. -> indices (B, K), and which of them are real (B, K)."""
+    n = scores.shape[1]
+    counts = policy.image_counts(block, scores, valid)
+    k = policy.padded_budget(n, counts)
+    ranked = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
+    top = ranked.topk(k, dim=1).indices
+    real = torch.arange(k, device=scores.device) < counts[:, None]
+    key = torch.where(real, top, top + n).sort(dim=1).values  # real choices first, each run ascending
+    return key % n, key < n

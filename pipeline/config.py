@@ -78,6 +78,15 @@ class UpsamplingConfig:
     random_start: float = 1.0  # pre-training schedule (App. A)
     random_end: float = 0.5
     random_shape: str = "linear"
+    # Inference under eq. 1: pad each block's budget up to a multiple of ceil(bucket * N_s), so
+    # a compiled forward meets few shapes (0: exact budgets; results are the same either way).
+    bucket: float = 0.0
+
+    def ratio_policy(self, kind: str | None = None):
+        """The run's ``RatioPolicy`` (``kind`` instead of ``policy`` if given)."""
+        from model.ratios import RatioPolicy
+
+        return RatioPolicy.from_preset(kind or self.policy, self.preset, bucket=self.bucket)
 
 
 @dataclass

@@ -223,12 +223,13 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
         if not (cfg.sliding_window or cfg.multi_scale or cfg.flip):
             per_block, pairs = [], []
             for block, rec in enumerate(out.records):
-                target = token_targets(sample["scores"][rec.patch][None].to(device), rec.centres, rec.patch)
-                if rec.scores is not None and rec.scores.shape[1]:
-                    mse.append(float(((rec.scores.float() - target) ** 2).mean()))
-                if rec.scores is not None:
-                    pairs.append((rec.scores[0].float().cpu().numpy(), target[0].cpu().numpy()))
-                per_block.append(_selection_counts(rec.selected[0], target[0] > policy.tau[block]))
+                centres, scores, selected = rec.of_image(0)
+                target = token_targets(sample["scores"][rec.patch][None].to(device), centres[None], rec.patch)[0]
+                if scores is not None and scores.shape[0]:
+                    mse.append(float(((scores.float() - target) ** 2).mean()))
+                if scores is not None:
+                    pairs.append((scores.float().cpu().numpy(), target.cpu().numpy()))
+                per_block.append(_selection_counts(selected, target > policy.tau[block]))
             selection.append(per_block)
             scored.append(pairs)
         if len(figs) < pictures:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from model.ratios import RatioPolicy
 
 from .checkpoints import model_state
 from .config import Config
@@ -39,7 +38,7 @@ def run_eval(cfg: Config, checkpoint: str):
                 shards, _ClassificationEval(cfg.data.image_size), 0, 1, cfg.data.max_eval_images), device)
             tracker.metrics(metrics, 0)
             return "\n".join(f"{k}: {v:.2f}" for k, v in metrics.items()), metrics
-        policy = RatioPolicy.from_preset(cfg.upsampling.policy, cfg.upsampling.preset)
+        policy = cfg.upsampling.ratio_policy()
         stream = EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), 0, 1, cfg.data.max_eval_images)
         res = evaluate(model, stream, cfg.model.num_classes, policy, cfg.eval, cfg.data.crop, device,
                        pictures=cfg.train.pictures)

@@ -33,7 +33,8 @@ def selection_panel(rgb: np.ndarray, record: UpsampleRecord, sample: int = 0) ->
     im = Image.fromarray((rgb * 0.5).astype(np.uint8))
     draw = ImageDraw.Draw(im, "RGBA")
     p = record.patch
-    chosen = record.centres[sample][record.selected[sample]].cpu().numpy()
+    centres, _, selected = record.of_image(sample)
+    chosen = centres[selected].cpu().numpy()
     for cx, cy in chosen:
         box = (cx - p / 2, cy - p / 2, cx + p / 2 - 1, cy + p / 2 - 1)
         draw.rectangle(box, fill=(255, 80, 0, 90), outline=(255, 200, 0, 255))

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from model.ratios import RatioPolicy
 
 from .checkpoints import find_checkpoint, local_file, model_state, weights_and_config
 from .config import Config, ConfigError, config_from_dict
@@ -60,5 +59,5 @@ def load_pretrained(path: str, device: str | torch.device = "cpu", config: Confi
         raise ValueError(f"{source}: these weights do not fit {config.model.name} "
                          f"({config.train.task}): missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.train.task == "finetune":
-        model.encoder.ratio_policy = RatioPolicy.from_preset(config.upsampling.policy, config.upsampling.preset)
+        model.encoder.ratio_policy = config.upsampling.ratio_policy()
     return Pretrained(model.eval().to(device), config, source)

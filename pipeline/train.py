@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 from model.classifier import build_classifier, load_backbone
 from model.criterion import CriterionConfig, SegmentationCriterion
-from model.ratios import RatioPolicy
 from model.segmentor import build_segmentor, oracle_maps
 
 from . import augment
@@ -145,8 +144,8 @@ class Trainer:
         if not self.pretrain:
             self.criterion = SegmentationCriterion(cfg.model.num_classes,
                                                    CriterionConfig(score_weight=cfg.upsampling.score_weight))
-            self.policy = RatioPolicy.from_preset(cfg.upsampling.policy, cfg.upsampling.preset)
-            self.full_policy = RatioPolicy.from_preset("full", cfg.upsampling.preset)
+            self.policy = cfg.upsampling.ratio_policy()
+            self.full_policy = cfg.upsampling.ratio_policy("full")
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + 1)  # per-rank randomness from here
         self.step, client = 0, {}
         self.nonfinite, self.in_a_row = 0, 0
@@ -329,7 +328,7 @@ class Trainer:
             return evaluate_classification(model, stream, self.device, self.dtype)
         stream = EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), self.rank, self.world,
                             cfg.data.max_eval_images)
-        policy = RatioPolicy.from_preset(cfg.upsampling.policy, cfg.upsampling.preset)
+        policy = cfg.upsampling.ratio_policy()
         res = evaluate(model, stream, cfg.model.num_classes, policy, cfg.eval, cfg.data.crop, self.device,
                        self.dtype, pictures=cfg.train.pictures if self.rank == 0 else 0)
         if self.rank == 0:

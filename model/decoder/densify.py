@@ -23,12 +23,14 @@ def _check_covered(canvas: Tensor, message: str) -> None:
         raise ValueError(message)
 
 
-def cover_pyramid(centres: list[Tensor], patches: list[int], height: int, width: int) -> list[Tensor]:
+def cover_pyramid(centres: list[Tensor], patches: list[int], height: int, width: int,
+                  valid: list[Tensor | None] | None = None) -> list[Tensor]:
     """Cover maps of a token pyramid, coarsest level first.
 
     ``centres[i]`` (B, n_i, 2) are the tokens of patch side ``patches[i]``, each level's
     side half the previous one's. Returns, per level i, the (B, H/p_i * W/p_i) index into
     the concatenation of ``centres[: i + 1]`` of the finest token covering each p_i-cell.
+    ``valid[i]`` (B, n_i) or None: a packed batch's real tokens; padding paints nothing.
     """
     if any(2 * p != q for q, p in zip(patches, patches[1:])):
         raise ValueError(f"cover_pyramid needs patch sides halving from level to level, got {patches}")
@@ -44,7 +46,13 @@ def cover_pyramid(centres: list[Tensor], patches: list[int], height: int, width:
             canvas = (maps[-1].view(b, gh // 2, 1, gw // 2, 1).expand(b, gh // 2, 2, gw // 2, 2)
                       .reshape(b, gh * gw))
         ids = torch.arange(start, start + c.shape[1], device=device).expand(b, -1)
-        canvas = canvas.scatter(1, raster_cells(c, p, gw), ids)
+        cells = raster_cells(c, p, gw)
+        real = valid[level] if valid is not None else None
+        if real is None:
+            canvas = canvas.scatter(1, cells, ids)
+        else:  # padding writes to one spare cell past the grid, dropped after
+            spare = torch.cat([canvas, canvas.new_full((b, 1), -1)], 1)
+            canvas = spare.scatter(1, cells.masked_fill(~real, gh * gw), ids)[:, :-1]
         if level == 0:  # finer levels only overwrite: a hole can only start here
             _check_covered(canvas, f"the tokens leave part of the {gh}x{gw} stride-{p} grid uncovered")
         maps.append(canvas)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..attention import cluster_neighbourhood
 from ..encoder import Block, Level, Stage
 from ..layers import LearnedTensor
-from ..tokens import raster_cells
+from ..tokens import all_valid, raster_cells
 from ..upsampling import CentreEmbedding
 from .densify import Densify, cover_pyramid
 
@@ -60,12 +60,16 @@ class PointPixelDecoder(nn.Module):
         centres = torch.cat(coarse_centres, 1)
         if self.pos is not None:
             x = x + self.pos(centres).to(x.dtype)
+        valid = None  # a packed batch's real tokens, per level (coarse ones, then fine)
+        if any(lv.valid is not None for lv in levels):
+            valid = [all_valid(lv.centres) if lv.valid is None else lv.valid for lv in coarse + [fine]]
         nbhd = cluster_neighbourhood(centres, float(coarse_patches[-1]), self.cluster_size,
-                                     self.nbhd_size, (height, width))
+                                     self.nbhd_size, (height, width),
+                                     valid=None if valid is None else torch.cat(valid[:3], 1))
         x = self.layers(x, nbhd)
         coarse_feats = list(x.split([lv.features.shape[1] for lv in coarse], 1))
         covers = cover_pyramid(coarse_centres + [fine.centres], coarse_patches + [fine.patch],
-                               height, width)
+                               height, width, valid)
 
         # FPN step for the finest tokens: add the refined feature of the covering token
         # (the stride-8 cover map, at the fine token's cell).
