@@ -76,6 +76,13 @@ def pairwise_dice(logits: Tensor, labels: Tensor) -> Tensor:
     return 1 - (num + 1) / (den + 1)
 
 
+def _mse(pred: Tensor, target: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean squared error over the real candidates (``valid``: a packed batch's)."""
+    if valid is None:
+        return F.mse_loss(pred, target)
+    return ((pred - target).square() * valid).sum() / valid.sum().clamp(min=1)
+
+
 class SegmentationCriterion(nn.Module):
     def __init__(self, num_classes: int, cfg: CriterionConfig | None = None):
         super().__init__()
@@ -147,7 +154,7 @@ class SegmentationCriterion(nn.Module):
         if maps is None:
             maps = edge_scores(labels, {r.patch for r in scored}, self.cfg.ignore_index)
         # a block with nothing to score adds an exact zero that is still part of the graph
-        return sum(F.mse_loss(r.scores.float(), token_targets(maps[r.patch], r.centres, r.patch))
+        return sum(_mse(r.scores.float(), token_targets(maps[r.patch], r.centres, r.patch), r.valid)
                    if r.scores.numel() else r.scores.sum() * 0.0 for r in scored)
 
     def forward(self, predictions: list[Prediction], labels: Tensor,

@@ -4,7 +4,7 @@ K = floor(N_s * gamma) exactly (ratios are kept as fractions, so 0.85 * 20 is 17
 Policies (paper Sec. 3.2.2, Table 4, App. A):
   full       every token (gamma = 1)
   fixed      gamma = beta_s
-  per_image  eq. 1: gamma_i = mean(u > tau_s), per image (inference); a batch of images runs
+  per_image  eq. 1: gamma_i = mean(u > tau_s), per image; a batch of images runs
              packed: each stage's new rows padded to the batch's largest K (``bucket``: rounded up
              to a multiple of ceil(bucket * N_s), so a compiled forward sees few shapes)
   batch      eq. 2: gamma = min(max(max_i gamma_i, 0.1), beta_s), one K for the batch (training)
@@ -94,10 +94,10 @@ class RatioPolicy:
         return self.kind
 
     def packs(self, batch: int, training: bool) -> bool:
-        """Whether eq. 1 runs as a packed batch (padded rows): at inference, for several images
-        or a bucketed K. (Training keeps one K per batch: the losses see no padding.)"""
-        return (not training and self.effective_kind(training) == "per_image"
-                and (batch > 1 or self.bucket > 0))
+        """Whether eq. 1 runs as a packed batch (padded rows): several images, or a bucketed K.
+        ``dynamic`` trains with eq. 2 (one K per batch, the paper's); ``per_image`` trains
+        packed too, each image with its own K as at inference (the score loss skips padding)."""
+        return self.effective_kind(training) == "per_image" and (batch > 1 or self.bucket > 0)
 
     def image_counts(self, block: int, scores: Tensor, valid: Tensor | None = None) -> Tensor:
         """eq. 1's K_i = floor(N_i * gamma_i), which is the number of real candidates scored

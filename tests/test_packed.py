@@ -8,7 +8,7 @@ import torch
 from model import RatioPolicy
 from model.attention import cluster_neighbourhood
 from model.decoder.densify import cover_pyramid
-from model.edges import edge_scores
+from model.edges import edge_scores, token_targets
 from model.segmentor import build_segmentor
 from synthetic import scenes
 
@@ -21,7 +21,8 @@ def test_padded_budget_rounds_up_to_the_bucket():
     assert RatioPolicy("per_image", bucket=0.1).padded_budget(100, torch.zeros(3, dtype=torch.long)) == 0
     with pytest.raises(ValueError, match="bucket"):
         RatioPolicy("per_image", bucket=1.5)
-    assert not RatioPolicy("per_image").packs(4, training=True)  # training keeps one K per batch
+    assert RatioPolicy("per_image").packs(4, training=True)  # eq. 1 in training too: a switch
+    assert not RatioPolicy("dynamic").packs(4, training=True)  # the paper's: eq. 2 in training
     assert RatioPolicy("dynamic").packs(4, training=False) and not RatioPolicy("dynamic").packs(1, False)
 
 
@@ -78,6 +79,33 @@ def test_bucketed_single_image_equals_unbucketed_and_predict_packs():
     together = model.predict(images)  # one packed forward
     for i, lab in enumerate(together):
         assert torch.equal(lab, model.predict(images[i:i + 1])[0])
+
+
+def test_training_packed_scores_only_real_candidates():
+    """``upsampling.policy=per_image`` trains with eq. 1 per image: the score loss of the packed
+    batch is the MSE pooled over each image's own candidates, and gradients stay finite."""
+    from model.criterion import SegmentationCriterion
+
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", num_classes=5).train()
+    images, labels = _images()
+    policy, maps = RatioPolicy("per_image", tau=(0.0, 0.0, 0.0)), edge_scores(labels)
+    criterion = SegmentationCriterion(5)
+    packed = model(images, policy)
+    assert any(not bool(r.chosen.all()) for r in packed.records)
+    squares, counts = [0.0] * 3, [0] * 3  # per block, pooled over the images run alone
+    with torch.no_grad():  # dups_demo has no drop-path: train mode is deterministic
+        for i in range(len(images)):
+            for b, rec in enumerate(model(images[i:i + 1], policy).records):
+                target = token_targets(maps[rec.patch][i:i + 1], rec.centres, rec.patch)
+                squares[b] += float(((rec.scores - target) ** 2).sum())
+                counts[b] += rec.scores.numel()
+    per_block = [criterion.score_loss([r], labels, maps) for r in packed.records]
+    assert [float(v) for v in per_block] == pytest.approx([s / c for s, c in zip(squares, counts)], rel=1e-5)
+    loss = sum(per_block)
+    assert float(loss) > 0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_neighbour_ties_go_to_the_lower_index_and_padding_is_nobodys_key():
