@@ -158,7 +158,8 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``dups`` parser and its subcommands' parsers by name."""
     parser = argparse.ArgumentParser(prog="dups", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("summary", help="parameters, GFLOPs and tokens per stage of a model")
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", nargs="?")
     p.add_argument("--address", default=None)
     p.set_defaults(func=_jobs)
-    return parser
+    return parser, sub.choices
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
@@ -270,11 +271,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     Plain argparse stops filling a positional list at the first option, so each subcommand
     is parsed intermixed; ``submit`` keeps its ``-- command`` tail verbatim."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if not argv or argv[0] not in subparsers.choices or argv[0] == "submit":
+    parser, commands = build_parser()
+    if not argv or argv[0] not in commands or argv[0] == "submit":
         return parser.parse_args(argv)
-    args = subparsers.choices[argv[0]].parse_intermixed_args(argv[1:])
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
     resume = getattr(args, "resume", None)
     if resume and _OVERRIDE.match(resume):  # `--resume key=value`: a bare --resume, then an override

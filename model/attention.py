@@ -96,6 +96,8 @@ class Neighbourhood:
     indices (batch offsets folded in) for the one-op gathers: ``key_rows`` (B*G*K),
     ``query_rows`` (B*G*M, cluster mode) and ``inverse_group``, ``inverse_slot`` (B*N each,
     cluster mode: the group and the slot in it of every token, in row order).
+    ``key_valid`` (B, G, K), only where a packed batch's images may have fewer real tokens
+    than a neighbourhood holds: which keys are real (the torch path masks the others).
     Every block of a stage shares one Neighbourhood, so what they all need is made here once.
     """
 
@@ -105,6 +107,7 @@ class Neighbourhood:
     order: Tensor | None = None
     cluster_size: int = 1
     grid: tuple[int, int, int] | None = None
+    key_valid: Tensor | None = None
     _key_features: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -218,7 +221,7 @@ def _lowest(dist: Tensor, index: Tensor, k: int) -> Tensor:
 def cluster_neighbourhood(centres: Tensor, unit: float, cluster_size: int = 8,
                           nbhd_size: int = 48, image_size: tuple[int, int] | None = None,
                           candidate_clusters: int = CANDIDATE_CLUSTERS,
-                          valid: Tensor | None = None) -> Neighbourhood:
+                          valid: Tensor | None = None, mask_keys: bool = False) -> Neighbourhood:
     """Hilbert-curve clusters and each cluster's ``nbhd_size`` nearest tokens.
 
     The search is two-level so it stays cheap at 10^5 tokens: each cluster's
@@ -228,7 +231,8 @@ def cluster_neighbourhood(centres: Tensor, unit: float, cluster_size: int = 8,
     ``image_size`` (H, W), when known, makes the curve a table lookup.
     ``valid`` (B, N), a packed batch's real tokens: padding sorts after every real token and
     is searched as if it lay far away, so each image's real tokens get the clusters and keys
-    they get alone, provided an image has at least ``nbhd_size`` real tokens."""
+    they get alone. An image with fewer than ``nbhd_size`` real tokens gets padding keys
+    too: ``mask_keys`` (``keys_need_mask``) marks them for the attention to skip."""
     b, n, _ = centres.shape
     m = cluster_size
     with torch.no_grad():
@@ -258,8 +262,18 @@ def cluster_neighbourhood(centres: Tensor, unit: float, cluster_size: int = 8,
                     - cluster_centres[:, :, None]).square().sum(-1)
             dist = dist.masked_fill(slots >= n, float("inf"))  # padding repeats a token
             key_index = cand.gather(2, _lowest(dist, cand, k))
+        key_valid = None
+        if valid is not None and mask_keys:
+            key_valid = valid.gather(1, key_index.flatten(1)).view_as(key_index)
+            key_valid |= ~key_valid.any(-1, keepdim=True)  # a cluster of padding only sees its own
     return Neighbourhood(key_index=key_index, centres=centres, unit=unit, order=order,
-                         cluster_size=m)
+                         cluster_size=m, key_valid=key_valid)
+
+
+def keys_need_mask(height: int, width: int, nbhd_size: int) -> bool:
+    """Whether a packed batch of ``height x width`` images needs ``mask_keys``: its images may
+    have fewer real tokens than a neighbourhood (every stage holds at least the stem's grid)."""
+    return (height // 32) * (width // 32) < nbhd_size
 
 
 @functools.lru_cache(maxsize=64)
@@ -338,6 +352,8 @@ def natten_fast_available() -> bool:
 def resolve_backend(backend: str, nbhd: Neighbourhood) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if nbhd.key_valid is not None:  # masked keys (packed small images): the reference path
+        return "torch"
     if backend != "auto":
         if backend == "natten" and nbhd.grid is None:
             raise ValueError("the natten backend needs tokens on a full regular grid")
@@ -393,7 +409,8 @@ def attend_torch(q: Tensor, kv: Tensor, nbhd: Neighbourhood, scale: float) -> Te
     # pattern matcher, which fails on 5-D inputs) expect.
     qg, kvg = qg.reshape(b * g, m, h, dq).transpose(1, 2), kvg.flatten(0, 1).transpose(1, 2)
     values = kvg[..., :dq if q.device.type in _pad_values_on else dv]
-    out = F.scaled_dot_product_attention(qg, kvg[..., dv:], values, scale=scale)
+    mask = None if nbhd.key_valid is None else nbhd.key_valid.view(b * g, 1, 1, -1)
+    out = F.scaled_dot_product_attention(qg, kvg[..., dv:], values, attn_mask=mask, scale=scale)
     return _rows_in_order(out, nbhd, n, dv)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import (Neighbourhood, NeighbourhoodAttention, cluster_neighbourhood,
-                        global_neighbourhood, grid_neighbourhood)
+                        global_neighbourhood, grid_neighbourhood, keys_need_mask)
 from .config import EncoderConfig, encoder_config
 from .ratios import RatioPolicy
 from .tokens import STAGE_PATCH_SIZES, TokenSet, grid_centres
@@ -137,11 +137,11 @@ class DUPSEncoder(nn.Module):
         nbhds: list[Neighbourhood] = []
         left_out: list[Tensor] = []
         records: list[UpsampleRecord] = []
-        pack = self.can_pack(h, w)
+        mask_keys = keys_need_mask(h, w, self.cfg.nbhd_size)
         for i in range(4):
             if i > 0:
                 oracle = oracle_maps[STAGE_PATCH_SIZES[i - 1]] if oracle_maps else None
-                tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle, pack)
+                tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle)
                 records.append(rec)
                 tokens = tokens.with_features(self.widen_up[i - 1](tokens.features))
             if i == 0 and self.cfg.stage1_attention == "global":
@@ -152,7 +152,7 @@ class DUPSEncoder(nn.Module):
             else:
                 nbhd = cluster_neighbourhood(tokens.centres, float(STAGE_PATCH_SIZES[i]),
                                              self.cfg.cluster_size, self.cfg.nbhd_size, (h, w),
-                                             valid=tokens.valid)
+                                             valid=tokens.valid, mask_keys=mask_keys)
             tokens = tokens.with_features(self.left[i](tokens.features, nbhd))
             nbhds.append(nbhd)
             left_out.append(tokens.features)
@@ -167,12 +167,6 @@ class DUPSEncoder(nn.Module):
                 x = left_out[i]
             levels.append(self._level(i, tokens, x))
         return EncoderOutput(levels=levels, tokens=tokens, records=records)
-
-    def can_pack(self, height: int, width: int) -> bool:
-        """Whether a batch may run eq. 1 packed (padded rows) at this size: every stage's real
-        tokens, the stem's grid and up, must fill a neighbourhood, so that padding is nobody's
-        key (``cluster_neighbourhood``)."""
-        return (height // 32) * (width // 32) >= self.cfg.nbhd_size
 
     def _level(self, stage: int, tokens: TokenSet, x: Tensor) -> Level:
         rows = tokens.stage_rows(stage)

@@ -102,18 +102,13 @@ class DUPSSegmentor(nn.Module):
     @torch.no_grad()
     def probabilities(self, images: Tensor, policy: RatioPolicy | None = None) -> Tensor:
         """Class probabilities (B, K, H, W) of a normalised batch of any size: padded to
-        multiples of 32 (zeros: the normalised mean) and cropped back. The batch runs as one
-        forward; under eq. 1 (per-image budgets) a packed one, which gives each image what it
-        gets alone, except below 48 stem tokens (about 224 x 224), where images run one by one."""
+        multiples of 32 (zeros: the normalised mean) and cropped back. One forward; under
+        eq. 1 (per-image budgets) a packed one, which gives each image what it gets alone."""
         policy = policy or self.encoder.ratio_policy
         h, w = images.shape[-2:]
         ph, pw = -h % 32, -w % 32
-        padded = F.pad(images, (0, pw, 0, ph))
-        alone = (policy.effective_kind(self.training) == "per_image"
-                 and not self.encoder.can_pack(h + ph, w + pw))
-        chunks = padded.split(1) if alone else [padded]
-        out = [semantic_probabilities(self(c, policy).final, (h + ph, w + pw))[..., :h, :w] for c in chunks]
-        return torch.cat(out)
+        out = self(F.pad(images, (0, pw, 0, ph)), policy).final
+        return semantic_probabilities(out, (h + ph, w + pw))[..., :h, :w]
 
     @torch.no_grad()
     def predict(self, images, policy: RatioPolicy | None = None) -> list[Tensor]:

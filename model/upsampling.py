@@ -97,11 +97,10 @@ class UpsamplingBlock(nn.Module):
             nn.init.constant_(self.score[-1].bias, math.log(prior / (1 - prior)))
 
     def forward(self, tokens: TokenSet, images: Tensor, policy: RatioPolicy, block: int,
-                oracle_map: Tensor | None = None, pack: bool = True) -> tuple[TokenSet, UpsampleRecord]:
+                oracle_map: Tensor | None = None) -> tuple[TokenSet, UpsampleRecord]:
         """``oracle_map``: ground-truth edge fractions (B, H/p, W/p) at this block's parent
         patch side p; when given they choose the tokens instead of the predictions (Table 7)
-        and the predictions still get their loss. ``pack``: whether eq. 1 may pad a batch
-        (``RatioPolicy.packs``); the encoder forbids it where padding could become a key."""
+        and the predictions still get their loss."""
         rows = tokens.stage_rows(tokens.num_stages - 1)
         cand = tokens.features[:, rows]
         cand_centres = tokens.centres[:, rows]
@@ -118,7 +117,7 @@ class UpsamplingBlock(nn.Module):
         if policy.random_selection:
             k = policy.num_selected(block, cand.new_zeros(b, n), self.training)
             selected = torch.rand(b, n, device=cand.device).topk(k, dim=1).indices.sort(dim=1).values
-        elif pack and policy.packs(b, self.training):
+        elif policy.packs(b, self.training):
             selected, chosen = select_packed(choose_by.detach(), cand_valid, policy, block)
             k = selected.shape[1]
         else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..attention import cluster_neighbourhood
+from ..attention import cluster_neighbourhood, keys_need_mask
 from ..encoder import Block, Level, Stage
 from ..layers import LearnedTensor
 from ..tokens import all_valid, raster_cells
@@ -65,7 +65,8 @@ class PointPixelDecoder(nn.Module):
             valid = [all_valid(lv.centres) if lv.valid is None else lv.valid for lv in coarse + [fine]]
         nbhd = cluster_neighbourhood(centres, float(coarse_patches[-1]), self.cluster_size,
                                      self.nbhd_size, (height, width),
-                                     valid=None if valid is None else torch.cat(valid[:3], 1))
+                                     valid=None if valid is None else torch.cat(valid[:3], 1),
+                                     mask_keys=keys_need_mask(height, width, self.nbhd_size))
         x = self.layers(x, nbhd)
         coarse_feats = list(x.split([lv.features.shape[1] for lv in coarse], 1))
         covers = cover_pyramid(coarse_centres + [fine.centres], coarse_patches + [fine.patch],
