@@ -24,12 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name  # noqa: E402
 from model import RatioPolicy  # noqa: E402
-from pipeline.config import EvalConfig, load_config  # noqa: E402
-from pipeline.data import EvalStream  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.evaluate_cli import load_checkpoint_model  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.evaluate_cli import compare_policies  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION  # noqa: E402
-from pipeline.train import _SegmentationEval  # noqa: E402
 
 
 def main() -> None:
@@ -42,8 +39,6 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, _, shards = load_checkpoint_model(cfg, args.checkpoint, device)
-    samples = EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), 0, 1, args.images)
     preset = cfg.upsampling.preset
     runs = {  # name: (policy, oracle)
         "full": (RatioPolicy("full"), False),
@@ -51,8 +46,7 @@ def main() -> None:
         "dynamic, trained head": (RatioPolicy.from_preset("per_image", preset), False),
         "dynamic, oracle": (RatioPolicy.from_preset("per_image", preset), True),
     }
-    results = {name: evaluate(model, samples, cfg.model.num_classes, policy, EvalConfig(), cfg.data.crop,
-                              device, oracle=oracle) for name, (policy, oracle) in runs.items()}
+    results = compare_policies(cfg, args.checkpoint, runs, device, args.images)
 
     print(f"{cfg.model.name}, checkpoint {args.checkpoint}, {results['full'].images} validation images, "
           f"{device_name(device)}, fp32; [{FLOP_CONVENTION}; mean per image]")

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name  # noqa: E402
 from model import RatioPolicy  # noqa: E402
-from pipeline.config import EvalConfig, load_config  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 
 
 def scenes(out: Path, train: int, heldout: int) -> Path:
@@ -62,20 +62,13 @@ def train_variant(name: str, overrides: list[str], shards: Path, out: Path, iter
 
 
 def evaluate_variant(cfg, checkpoint: str) -> dict:
-    from pipeline.data import EvalStream
-    from pipeline.evaluate import evaluate
-    from pipeline.evaluate_cli import load_checkpoint_model
-    from pipeline.train import _SegmentationEval
+    from pipeline.evaluate_cli import compare_policies
 
-    device = torch.device("cpu")
-    model, _, _, shards = load_checkpoint_model(cfg, checkpoint, device)
     preset = cfg.upsampling.preset
-    samples = list(EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), 0, 1, 0))
-    runs = {"full": (RatioPolicy.from_preset("full", preset), False),
-            "dynamic": (RatioPolicy.from_preset("per_image", preset), False),
-            "oracle": (RatioPolicy.from_preset("per_image", preset), True)}
-    return {k: evaluate(model, samples, cfg.model.num_classes, policy, EvalConfig(), cfg.data.crop,
-                        device, oracle=oracle) for k, (policy, oracle) in runs.items()}
+    return compare_policies(cfg, checkpoint, {
+        "full": (RatioPolicy.from_preset("full", preset), False),
+        "dynamic": (RatioPolicy.from_preset("per_image", preset), False),
+        "oracle": (RatioPolicy.from_preset("per_image", preset), True)}, torch.device("cpu"))
 
 
 def probe_heads(cfg, checkpoint: str, steps: int, lr: float = 1e-3) -> str:

@@ -185,10 +185,10 @@ def multi_scale(model, image, policy, size, scales, flip: bool):
 @torch.no_grad()
 def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, cfg: EvalConfig,
              crop: int, device: torch.device, dtype=torch.float32, pictures: int = 0,
-             oracle: bool = False) -> EvalResult:
+             oracle: bool = False, progress: bool = True) -> EvalResult:
     """``samples``: an iterable of ``augment.eval_segmentation`` dicts (this rank's share).
     ``oracle``: the samples' ground-truth edge fractions choose the tokens (Table 7's oracle;
-    single scale only)."""
+    single scale only). ``progress``: a bar on rank 0."""
     from .pictures import token_figure
 
     if oracle and (cfg.sliding_window or cfg.multi_scale or cfg.flip):
@@ -200,7 +200,7 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
     selection = []  # per image: [(split, candidates, oracle split, edge tokens split), ...] per block
     scored = []  # per image: [(predicted, true edge fractions), ...] per block that scored
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    bar = ProgressBar(len(samples) if hasattr(samples, "__len__") else None, "eval", "img", disable=rank != 0)
+    bar = ProgressBar(len(samples) if hasattr(samples, "__len__") else None, "eval", "img", disable=rank != 0 or not progress)
     for sample in samples:
         bar.update(1)
         image = sample["image"][None].to(device, dtype)

@@ -25,6 +25,20 @@ def load_checkpoint_model(cfg: Config, checkpoint: str, device: torch.device):
     return model.eval().to(device), where, manifest, shards_of(val_root, manifest, "val")
 
 
+def compare_policies(cfg: Config, checkpoint: str, policies: dict, device: torch.device,
+                     images: int = 0) -> dict:
+    """{name: EvalResult} of one checkpoint's validation images (the first ``images``; 0: all)
+    under each named ``(RatioPolicy, oracle)``, single scale, the same decoded images for all:
+    the side-by-side comparisons of ``benchmarks/dynamic.py`` and ``benchmarks/score_heads.py``."""
+    from .config import EvalConfig
+    from .train import _SegmentationEval
+
+    model, _, _, shards = load_checkpoint_model(cfg, checkpoint, device)
+    samples = list(EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), 0, 1, images))
+    return {name: evaluate(model, samples, cfg.model.num_classes, policy, EvalConfig(), cfg.data.crop, device,
+                           oracle=oracle, progress=False) for name, (policy, oracle) in policies.items()}
+
+
 def run_eval(cfg: Config, checkpoint: str):
     """(printable report, EvalResult or classification metrics) of a checkpoint."""
     from .train import _ClassificationEval, _SegmentationEval
