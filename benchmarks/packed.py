@@ -6,6 +6,10 @@ Budgets come from ground-truth edge fractions of synthetic scenes (Table 7's ora
 preset's tau), so they differ from image to image as a trained head's do, with no checkpoint.
 
     .venv/bin/python benchmarks/packed.py --model dups_tiny --size 512 --batch 8 [--bucket 0.1]
+
+``--shapes N`` instead counts, over N scenes run one at a time, how many distinct shapes the
+forward meets (one per combination of the three blocks' padded budgets: each is a graph to
+compile or capture) with each bucket, and the padding that buys it.
 """
 from __future__ import annotations
 
@@ -35,7 +39,10 @@ def main() -> None:
     ap.add_argument("--preset", default="ade20k")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
+    ap.add_argument("--shapes", type=int, default=0, help="count forward shapes over N scenes instead")
     args = ap.parse_args()
+    if args.shapes:
+        return count_shapes(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_segmentor(args.model).eval().to(device)
@@ -76,6 +83,29 @@ def main() -> None:
     ratio = statistics.median(times["packed"]) / statistics.median(times["one by one"])
     print(f"packed / one by one: {ratio:.2f}x the time; padding {padding:.1%} of the split "
           f"rows; max |probability difference| {diff:.2e}")
+
+
+@torch.no_grad()
+def count_shapes(args) -> None:
+    """Distinct (padded budget per block) signatures over ``args.shapes`` scenes, per bucket."""
+    device = torch.device(args.device)
+    model = build_segmentor(args.model).eval().to(device)
+    images, labels = scenes(args.shapes, size=args.size, seed=2)
+    maps = edge_scores(labels)
+    print(f"{args.model} {args.size}x{args.size}, {args.shapes} scenes one at a time, eq. 1 on oracle budgets "
+          f"({args.preset}), {device_name(device)}")
+    print(f"{'bucket':>7}{'shapes':>8}  padding (rows past the budget, % of the real split rows)")
+    for bucket in (0.0, 0.05, 0.1, 0.25):
+        policy = RatioPolicy.from_preset("per_image", args.preset, bucket=bucket)
+        shapes, padded, real = set(), 0, 0
+        for i in range(args.shapes):
+            out = model.encoder(images[i:i + 1].to(device), policy,
+                                {p: m[i:i + 1].to(device) for p, m in maps.items()})
+            shapes.add(tuple(r.selected.shape[1] for r in out.records))
+            for r in out.records:
+                real += int(r.chosen.sum()) if r.chosen is not None else r.selected.shape[1]
+                padded += int((~r.chosen).sum()) if r.chosen is not None else 0
+        print(f"{bucket:>7g}{len(shapes):>8}  {100 * padded / max(real, 1):.1f}%")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ full upsampling, every candidate scored; a selective head has both near 1), then
 GFLOPs under full upsampling, the dynamic ratio (eq. 1 on the head's predictions) and the
 oracle's (eq. 1 on the true edge fractions).
 
-    .venv/bin/python benchmarks/score_heads.py --iters 600 \\
+    .venv/bin/python benchmarks/score_heads.py --iters 600 [--tau-scales 0.5,0.25] \\
         base= weight10=upsampling.score_weight=10 trained_full=upsampling.policy=full
 
 A variant is NAME=override[,override...] (an empty list: the defaults). Runs and data are
@@ -61,14 +61,18 @@ def train_variant(name: str, overrides: list[str], shards: Path, out: Path, iter
     return cfg, result.last_checkpoint
 
 
-def evaluate_variant(cfg, checkpoint: str) -> dict:
+def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = ()) -> dict:
+    """Full, dynamic and oracle runs; ``tau_scales``: also dynamic with tau_s times each."""
     from pipeline.evaluate_cli import compare_policies
 
     preset = cfg.upsampling.preset
-    return compare_policies(cfg, checkpoint, {
-        "full": (RatioPolicy.from_preset("full", preset), False),
-        "dynamic": (RatioPolicy.from_preset("per_image", preset), False),
-        "oracle": (RatioPolicy.from_preset("per_image", preset), True)}, torch.device("cpu"))
+    dynamic = RatioPolicy.from_preset("per_image", preset)
+    runs = {"full": (RatioPolicy.from_preset("full", preset), False), "dynamic": (dynamic, False),
+            "oracle": (dynamic, True)}
+    for scale in tau_scales:
+        runs[f"tau x{scale:g}"] = (RatioPolicy("per_image", tuple(t * scale for t in dynamic.tau), dynamic.beta),
+                                   False)
+    return compare_policies(cfg, checkpoint, runs, torch.device("cpu"))
 
 
 def probe_heads(cfg, checkpoint: str, steps: int, lr: float = 1e-3) -> str:
@@ -116,6 +120,8 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=48, help="training scenes (the demo's 48)")
     ap.add_argument("--heldout", type=int, default=32, help="held-out scenes")
     ap.add_argument("--out", default="score_heads_run")
+    ap.add_argument("--tau-scales", default="", help="comma-separated factors: also run eq. 1 with "
+                    "tau_s times each (how mIoU trades against GFLOPs)")
     ap.add_argument("--probe", type=int, default=0,
                     help="also retrain each variant's score heads alone on its frozen features for N steps")
     args = ap.parse_args()
@@ -127,7 +133,8 @@ def main() -> None:
         name, _, rest = spec.partition("=")
         cfg, checkpoint = train_variant(name, [o for o in rest.split(",") if o], shards, out,
                                         args.iters, args.seed)
-        rows.append((name, evaluate_variant(cfg, checkpoint)))
+        scales = tuple(float(x) for x in args.tau_scales.split(",") if x)
+        rows.append((name, evaluate_variant(cfg, checkpoint, scales)))
         print(f"  {name}: {rows[-1][1]['full'].selection_line()}", flush=True)
         if args.probe:
             rows.append((f"{name} probed", evaluate_variant(cfg, probe_heads(cfg, checkpoint, args.probe))))
@@ -148,6 +155,15 @@ def main() -> None:
               f"{full.mIoU:>9.1f}{dyn.mIoU:>6.1f}{orc.mIoU:>7.1f}"
               f"{dyn.gflops_mean / full.gflops_mean:>11.3f}{orc.gflops_mean / full.gflops_mean:>9.3f}  "
               f"{row(dyn.split_ratio, '.2f'):<20}{row(dyn.edge_recall, '.2f')}")
+
+    sweeps = [(name, k, r) for name, res in rows for k, r in res.items() if k.startswith("tau x")]
+    if sweeps:
+        print("\neq. 1 on the heads' predictions with scaled thresholds")
+        print(f"{'variant':<18}{'tau':<9}{'mIoU':>6}{'x full':>8}  {'split':<20}edge recall")
+        for name, key, res in sweeps:
+            full = dict(rows)[name]["full"]
+            print(f"{name:<18}{key:<9}{res.mIoU:>6.1f}{res.gflops_mean / full.gflops_mean:>8.3f}  "
+                  f"{row(res.split_ratio, '.2f'):<20}{row(res.edge_recall, '.2f')}")
 
 
 if __name__ == "__main__":

@@ -81,12 +81,16 @@ class UpsamplingConfig:
     # Inference under eq. 1: pad each block's budget up to a multiple of ceil(bucket * N_s), so
     # a compiled forward meets few shapes (0: exact budgets; results are the same either way).
     bucket: float = 0.0
+    # Table 8's thresholds tau_s times this (1: the paper's). Lower splits more tokens: on the
+    # demo's small scenes 0.5 keeps full upsampling's mIoU at ~0.7x its GFLOPs (BENCHMARKS.md 1b).
+    tau_scale: float = 1.0
 
     def ratio_policy(self, kind: str | None = None):
         """The run's ``RatioPolicy`` (``kind`` instead of ``policy`` if given)."""
-        from model.ratios import RatioPolicy
+        from model.ratios import RatioPolicy, preset
 
-        return RatioPolicy.from_preset(kind or self.policy, self.preset, bucket=self.bucket)
+        tau = tuple(t * self.tau_scale for t in preset(self.preset)["tau"])
+        return RatioPolicy(kind or self.policy, tau, preset(self.preset)["beta"], bucket=self.bucket)
 
 
 @dataclass

@@ -24,6 +24,17 @@ def test_defaults_are_the_papers_recipe():
     assert cfg.optim.warmup_iters == 2500 and cfg.optim.warmup_factor == 0.001
     assert cfg.data.crop == 512 and cfg.train.iters == 80000
     assert cfg.upsampling.policy == "dynamic"
+    policy = cfg.upsampling.ratio_policy()  # Table 8's thresholds and ratios, exactly
+    assert (policy.kind, policy.tau, policy.beta, policy.bucket) == ("dynamic", (0.01, 0.02, 0.04),
+                                                                     (0.85, 0.7, 0.6), 0.0)
+
+
+def test_ratio_policy_switches():
+    up = load_config(None, ["upsampling.preset=cityscapes", "upsampling.tau_scale=0.5",
+                            "upsampling.bucket=0.1"]).upsampling
+    policy = up.ratio_policy()
+    assert policy.tau == pytest.approx((0.0025, 0.005, 0.01)) and policy.beta == (0.5, 0.7, 0.65)
+    assert policy.bucket == 0.1 and up.ratio_policy("full").kind == "full"
 
 
 def test_overrides_and_clear_errors(tmp_path):
