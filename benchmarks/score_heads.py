@@ -65,9 +65,8 @@ def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = ()) -
     """Full, dynamic and oracle runs; ``tau_scales``: also dynamic with tau_s times each."""
     from pipeline.evaluate_cli import compare_policies
 
-    preset = cfg.upsampling.preset
-    dynamic = RatioPolicy.from_preset("per_image", preset)
-    runs = {"full": (RatioPolicy.from_preset("full", preset), False), "dynamic": (dynamic, False),
+    dynamic = cfg.upsampling.ratio_policy("per_image")  # the variant's thresholds
+    runs = {"full": (cfg.upsampling.ratio_policy("full"), False), "dynamic": (dynamic, False),
             "oracle": (dynamic, True)}
     for scale in tau_scales:
         runs[f"tau x{scale:g}"] = (RatioPolicy("per_image", tuple(t * scale for t in dynamic.tau), dynamic.beta),

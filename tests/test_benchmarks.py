@@ -108,10 +108,27 @@ def test_stage1_compares_global_with_window_attention():
 @pytest.mark.timeout(320)
 def test_score_heads_trains_and_compares_variants(tmp_path):
     out = run_script("benchmarks/score_heads.py", "--iters", "2", "--train", "4", "--heldout", "2",
-                     "--out", str(tmp_path), "--probe", "2", "a=", "b=upsampling.score_weight=1")
+                     "--out", str(tmp_path), "--probe", "2", "--tau-scales", "0.5", "a=",
+                     "b=upsampling.score_weight=1")
     rows = [line.split() for line in out.splitlines() if line.startswith(("a ", "b "))]
+    sweep = [r for r in rows if r[1] == "tau"]  # name, tau, x0.5, mIoU, x full, split, edge recall
+    assert [(r[0], r[2]) for r in sweep] == [("a", "x0.5"), ("b", "x0.5")]
+    assert all(0 <= float(r[3]) <= 100 and 0 < float(r[4]) <= 1.05 for r in sweep), sweep
+    rows = [r for r in rows if r[1] != "tau"]
     assert [r[0] for r in rows] == ["a", "a", "b", "b"] and [r[1] for r in rows[1::2]] == ["probed"] * 2
     rows = [r for r in rows if r[1] != "probed"]
     # name, AUC and flat kept per block, 3 mIoU, 2 ratios, split and edge recall per block
     assert all(len(r) == 26 and 0 <= float(r[1]) <= 1 and float(r[14]) <= 1.05 for r in rows), rows
     assert "2 held-out scenes" in out
+
+
+@pytest.mark.timeout(320)
+def test_packed_matches_one_by_one_and_counts_shapes():
+    out = run_script("benchmarks/packed.py", "--model", "dups_demo", "--size", "192", "--batch", "3",
+                     "--repeats", "1")
+    line = next(line for line in out.splitlines() if line.startswith("packed / one by one"))
+    assert float(line.split("max |probability difference| ")[1]) < 1e-5
+    out = run_script("benchmarks/packed.py", "--model", "dups_demo", "--size", "192", "--shapes", "3")
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["0", "0.05", "0.1", "0.25"]
+    assert int(rows[0][1]) >= int(rows[-1][1]) >= 1 and rows[0][2] == "0.0%"
