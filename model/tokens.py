@@ -4,9 +4,9 @@ Upsampled parents are kept (the paper concatenates new tokens with the old ones)
 token sets of successive stages are nested prefixes: stage i owns rows ``[0:offsets[i]]``
 and the tokens that are new at stage i are rows ``[offsets[i-1]:offsets[i]]``. All samples
 of a batch hold the same number of rows (batch ratio policies guarantee it). A packed batch of
-images with different budgets (eq. 1 at inference) pads each stage's new rows to the batch's
-largest budget; ``valid`` marks the real rows, and padding rows never reach a real token:
-they are no one's keys and paint no pixel.
+images with different budgets (eq. 1) pads each stage's new rows to the batch's largest
+budget; ``valid`` marks the real rows, and padding rows never reach a real token: they are
+no one's keys (or masked ones, in images of under 48 stem tokens) and paint no pixel.
 """
 from __future__ import annotations
 
