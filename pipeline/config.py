@@ -81,8 +81,8 @@ class UpsamplingConfig:
     # Inference under eq. 1: pad each block's budget up to a multiple of ceil(bucket * N_s), so
     # a compiled forward meets few shapes (0: exact budgets; results are the same either way).
     bucket: float = 0.0
-    # Table 8's thresholds tau_s times this (1: the paper's). Lower splits more tokens: on the
-    # demo's small scenes 0.5 keeps full upsampling's mIoU at ~0.7x its GFLOPs (BENCHMARKS.md 1b).
+    # Table 8's thresholds tau_s times this (1: the paper's). Lower splits more tokens; on the
+    # demo's scenes 0.5 helped with one seed and hurt with another (BENCHMARKS.md 1b).
     tau_scale: float = 1.0
 
     def ratio_policy(self, kind: str | None = None):
