@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name  # noqa: E402
-from model import RatioPolicy  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluate_cli import compare_policies  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION  # noqa: E402
@@ -39,12 +38,12 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset = cfg.upsampling.preset
+    up = cfg.upsampling  # the config's preset, thresholds and bucket
     runs = {  # name: (policy, oracle)
-        "full": (RatioPolicy("full"), False),
-        f"fixed beta ({preset})": (RatioPolicy.from_preset("fixed", preset), False),
-        "dynamic, trained head": (RatioPolicy.from_preset("per_image", preset), False),
-        "dynamic, oracle": (RatioPolicy.from_preset("per_image", preset), True),
+        "full": (up.ratio_policy("full"), False),
+        f"fixed beta ({up.preset})": (up.ratio_policy("fixed"), False),
+        "dynamic, trained head": (up.ratio_policy("per_image"), False),
+        "dynamic, oracle": (up.ratio_policy("per_image"), True),
     }
     results = compare_policies(cfg, args.checkpoint, runs, device, args.images)
 

@@ -17,6 +17,7 @@ kept under --out; a variant already trained there is only evaluated again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -65,12 +66,12 @@ def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = ()) -
     """Full, dynamic and oracle runs; ``tau_scales``: also dynamic with tau_s times each."""
     from pipeline.evaluate_cli import compare_policies
 
-    dynamic = cfg.upsampling.ratio_policy("per_image")  # the variant's thresholds
-    runs = {"full": (cfg.upsampling.ratio_policy("full"), False), "dynamic": (dynamic, False),
-            "oracle": (dynamic, True)}
+    up = cfg.upsampling  # the variant's thresholds
+    runs = {"full": (up.ratio_policy("full"), False), "dynamic": (up.ratio_policy("per_image"), False),
+            "oracle": (up.ratio_policy("per_image"), True)}
     for scale in tau_scales:
-        runs[f"tau x{scale:g}"] = (RatioPolicy("per_image", tuple(t * scale for t in dynamic.tau), dynamic.beta),
-                                   False)
+        scaled = dataclasses.replace(up, tau_scale=up.tau_scale * scale)
+        runs[f"tau x{scale:g}"] = (scaled.ratio_policy("per_image"), False)
     return compare_policies(cfg, checkpoint, runs, torch.device("cpu"))
 
 

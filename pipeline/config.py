@@ -89,8 +89,9 @@ class UpsamplingConfig:
         """The run's ``RatioPolicy`` (``kind`` instead of ``policy`` if given)."""
         from model.ratios import RatioPolicy, preset
 
-        tau = tuple(t * self.tau_scale for t in preset(self.preset)["tau"])
-        return RatioPolicy(kind or self.policy, tau, preset(self.preset)["beta"], bucket=self.bucket)
+        table = preset(self.preset)
+        tau = tuple(t * self.tau_scale for t in table["tau"])
+        return RatioPolicy(kind or self.policy, tau, table["beta"], bucket=self.bucket)
 
 
 @dataclass
