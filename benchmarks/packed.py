@@ -103,8 +103,8 @@ def count_shapes(args) -> None:
                                 {p: m[i:i + 1].to(device) for p, m in maps.items()})
             shapes.add(tuple(r.selected.shape[1] for r in out.records))
             for r in out.records:
-                real += int(r.chosen.sum()) if r.chosen is not None else r.selected.shape[1]
-                padded += int((~r.chosen).sum()) if r.chosen is not None else 0
+                chosen = len(r.of_image(0)[2])
+                real, padded = real + chosen, padded + r.selected.shape[1] - chosen
         print(f"{bucket:>7g}{len(shapes):>8}  {100 * padded / max(real, 1):.1f}%")
 
 
