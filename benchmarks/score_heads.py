@@ -8,7 +8,7 @@ full upsampling, every candidate scored; a selective head has both near 1), then
 GFLOPs under full upsampling, the dynamic ratio (eq. 1 on the head's predictions) and the
 oracle's (eq. 1 on the true edge fractions).
 
-    .venv/bin/python benchmarks/score_heads.py --iters 600 [--tau-scales 0.5,0.25] \\
+    .venv/bin/python benchmarks/score_heads.py --iters 600 [--tau-scales 0.5,0.25] [--losses] \\
         base= weight10=upsampling.score_weight=10 trained_full=upsampling.policy=full
 
 A variant is NAME=override[,override...] (an empty list: the defaults). Runs and data are
@@ -75,6 +75,78 @@ def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = ()) -
     return compare_policies(cfg, checkpoint, runs, torch.device("cpu"))
 
 
+SMALL_CLASS = 0.05  # a class under this share of the held-out pixels counts as "small"
+
+
+@torch.no_grad()
+def where_lost(cfg, checkpoint: str) -> dict:
+    """Where sparse evaluation loses pixels against full upsampling, for the dynamic and the
+    oracle runs: {run: {(small class?, patch side of the token painting the pixel, distance
+    band to the nearest class boundary): [pixels, lost, gained]}}, where a pixel is lost when
+    full upsampling labels it right and the run wrong (gained: the reverse)."""
+    import numpy as np
+    import torch.nn.functional as F
+    from scipy.ndimage import distance_transform_edt
+
+    from model.decoder.densify import cover_pyramid
+    from model.edges import edge_map
+    from model.segmentor import semantic_probabilities
+    from pipeline.data import EvalStream
+    from pipeline.evaluate_cli import load_checkpoint_model
+    from pipeline.train import _SegmentationEval
+
+    model, _, _, shards = load_checkpoint_model(cfg, checkpoint, torch.device("cpu"))
+    samples = list(EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), 0, 1, 0))
+    up = cfg.upsampling
+    runs = {"full": (up.ratio_policy("full"), False), "dynamic": (up.ratio_policy("per_image"), False),
+            "oracle": (up.ratio_policy("per_image"), True)}
+    counts = np.bincount(np.concatenate([s["label"][s["label"] != 255].numpy() for s in samples]))
+    small = torch.from_numpy(counts < SMALL_CLASS * counts.sum())
+    table: dict = {"dynamic": {}, "oracle": {}}
+    for s in samples:
+        label, (h, w) = s["label"], s["size"]
+        valid = label != 255
+        dist = torch.from_numpy(distance_transform_edt(~edge_map(label).numpy()))
+        band = (dist > 2).long() + (dist > 8).long()  # 0: <= 2 px, 1: 2-8 px, 2: > 8 px
+        is_small = small[label.clamp(max=len(small) - 1)] & valid
+        right, patch = {}, {}
+        for name, (policy, oracle) in runs.items():
+            maps = {k: m[None] for k, m in s["scores"].items()} if oracle else None
+            image = s["image"][None]
+            enc = model.encoder(image, policy, maps)
+            H, W = image.shape[-2:]
+            pix = model.pixel_decoder(enc.levels, H, W)
+            probs = semantic_probabilities(model.decoder(pix.maps, pix.mask_features)[-1], (H, W))[..., :h, :w]
+            right[name] = F.interpolate(probs, size=label.shape, mode="bilinear").argmax(1)[0] == label
+            levels = enc.levels[::-1]  # patch 32 first, the painting order
+            cover = cover_pyramid([lv.centres for lv in levels], [lv.patch for lv in levels], H, W)[-1]
+            ends = torch.tensor([lv.centres.shape[1] for lv in levels]).cumsum(0)
+            sides = torch.tensor([lv.patch for lv in levels])[torch.searchsorted(ends, cover[0], right=True)]
+            sides = sides.view(1, 1, H // 4, W // 4).float()
+            patch[name] = F.interpolate(F.interpolate(sides, size=(H, W))[..., :h, :w], size=label.shape)[0, 0].long()
+        for name in table:
+            lost, gained = right["full"] & ~right[name], ~right["full"] & right[name]
+            for key in torch.stack([is_small.long(), patch[name], band], -1)[valid].unique(dim=0).tolist():
+                where = valid & (is_small.long() == key[0]) & (patch[name] == key[1]) & (band == key[2])
+                row = table[name].setdefault(tuple(key), [0, 0, 0])
+                row[0] += int(where.sum())
+                row[1] += int((where & lost).sum())
+                row[2] += int((where & gained).sum())
+    return table
+
+
+def print_losses(name: str, table: dict) -> None:
+    bands = ("<= 2 px", "2-8 px", "> 8 px")
+    print(f"\n{name}: pixels right with full upsampling and wrong sparse (lost), and the reverse "
+          f"(gained), by the class's share (small: under {SMALL_CLASS:.0%} of the pixels), the "
+          "side of the token that paints the pixel and its distance to the nearest class boundary")
+    print(f"{'run':<9}{'classes':<9}{'token':>6}  {'boundary':<9}{'pixels':>9}{'lost':>8}{'gained':>8}{'net %':>8}")
+    for run, rows in table.items():
+        for (is_small, side, band), (n, lost, gained) in sorted(rows.items()):
+            print(f"{run:<9}{'small' if is_small else 'large':<9}{side:>6}  {bands[band]:<9}{n:>9}{lost:>8}"
+                  f"{gained:>8}{100 * (gained - lost) / n:>8.2f}")
+
+
 def probe_heads(cfg, checkpoint: str, steps: int, lr: float = 1e-3) -> str:
     """A linear-probe style test of the features: the trained model frozen, its score heads
     re-initialised and trained alone (full upsampling, the training augmentation) for
@@ -124,6 +196,8 @@ def main() -> None:
                     "tau_s times each (how mIoU trades against GFLOPs)")
     ap.add_argument("--probe", type=int, default=0,
                     help="also retrain each variant's score heads alone on its frozen features for N steps")
+    ap.add_argument("--losses", action="store_true", help="also print where sparse evaluation loses "
+                    "pixels against full upsampling (token size, distance to a boundary, small classes)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out).resolve()
@@ -136,6 +210,8 @@ def main() -> None:
         scales = tuple(float(x) for x in args.tau_scales.split(",") if x)
         rows.append((name, evaluate_variant(cfg, checkpoint, scales)))
         print(f"  {name}: {rows[-1][1]['full'].selection_line()}", flush=True)
+        if args.losses:
+            print_losses(name, where_lost(cfg, checkpoint))
         if args.probe:
             rows.append((f"{name} probed", evaluate_variant(cfg, probe_heads(cfg, checkpoint, args.probe))))
             print(f"  {name} probed: {rows[-1][1]['full'].selection_line()}", flush=True)

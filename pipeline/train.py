@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from model.classifier import build_classifier, load_backbone
+from model.config import resolved_fields
 from model.criterion import CriterionConfig, SegmentationCriterion
 from model.segmentor import build_segmentor, oracle_maps
 
@@ -196,6 +197,10 @@ class Trainer:
         is written on every rank before the launcher publishes it."""
         stage, tag = Path(self.hooks.stage_dir(self.step)), tag_of(self.step)
         config = redact_tree(self.cfg.to_dict())  # no tracking password in a checkpoint
+        model = config["model"]  # every model field explicit: later default changes leave it be
+        model["encoder"], decoder = resolved_fields(model["name"], model["encoder"], model["decoder"])
+        if self.cfg.train.task != "pretrain":
+            model["decoder"] = decoder
         client = {"step": self.step, "data": self.position.state_dict(), "mlflow_run_id": self.run_id,
                   "config": config}
         self.engine.save_checkpoint(str(stage), tag=tag, client_state=client, save_latest=False)

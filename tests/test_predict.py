@@ -93,3 +93,21 @@ def test_weights_without_their_config_are_a_clear_error(trained, tmp_path):
         DUPSSegmentor.from_pretrained(str(lone))
     assert cli_main(["predict", str(trained["images"]), "--checkpoint", str(lone), "--out", str(tmp_path / "o"),
                      "--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml")]) == 0
+
+
+def test_a_checkpoint_keeps_its_model_when_a_default_changes(trained, monkeypatch):
+    """The saved config names every encoder and decoder field, so the model a checkpoint
+    rebuilds is the one it was trained as, whatever the code's defaults are later."""
+    import dataclasses
+
+    import model.config as model_config
+    from pipeline.pretrained import load_pretrained
+
+    saved = json.loads((Path(trained["checkpoint"]) / "config.json").read_text())["model"]
+    fields = {f.name for f in dataclasses.fields(model_config.DecoderConfig)}
+    assert set(saved["decoder"]) == fields and saved["decoder"]["fuse_coarse"] is True
+    assert set(saved["encoder"]) == {f.name for f in dataclasses.fields(model_config.EncoderConfig)}
+    flipped = {k: dataclasses.replace(v, fuse_coarse=False) for k, v in model_config.DECODERS.items()}
+    monkeypatch.setattr(model_config, "DECODERS", flipped)
+    assert model_config.decoder_config("dups_demo").fuse_coarse is False
+    assert load_pretrained(trained["checkpoint"]).model.pixel_decoder.fuse_coarse is True

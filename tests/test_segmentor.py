@@ -190,3 +190,28 @@ def test_bf16_weights_infer_as_autocast_does():
     assert (bf16.argmax(1) == ref.argmax(1)).float().mean() > 0.98
     labels = model.predict([torch.randint(0, 255, (70, 90, 3), dtype=torch.uint8).numpy()], policy)
     assert labels[0].shape == (70, 90)
+
+
+@torch.no_grad()
+def test_fuse_coarse_changes_only_the_cells_of_unsplit_tokens():
+    """``decoder.fuse_coarse``: unsplit coarse tokens' mask features go through the finest
+    tokens' fuse layer. With full upsampling every stride-4 cell is a finest token, so the
+    switch changes nothing; under a sparse policy it changes exactly the coarse cells."""
+    torch.manual_seed(0)
+    on = build_segmentor("dups_demo", 5).eval()  # the default
+    off = build_segmentor("dups_demo", 5, decoder={"fuse_coarse": False}).eval()
+    off.load_state_dict(on.state_dict())  # no new weights: the same model, switched
+    x = torch.randn(1, 3, 96, 128)
+    full = RatioPolicy("full")
+    torch.testing.assert_close(on(x, full).final.masks, off(x, full).final.masks, rtol=0, atol=0)
+    sparse = RatioPolicy.from_preset("fixed", "ade20k")
+    feats = {}
+    for name, model in (("on", on), ("off", off)):
+        enc = model.encoder(x, sparse)
+        feats[name] = model.pixel_decoder(enc.levels, 96, 128).mask_features
+    levels = enc.levels[::-1]
+    cover = cover_pyramid([lv.centres for lv in levels], [lv.patch for lv in levels], 96, 128)[-1][0]
+    coarse = cover < sum(lv.centres.shape[1] for lv in levels[:3])  # cells painted by patch 32/16/8
+    assert 0 < coarse.sum() < coarse.numel()
+    changed = (feats["on"] - feats["off"]).abs().amax(1)[0].flatten() > 0
+    assert torch.equal(changed, coarse)

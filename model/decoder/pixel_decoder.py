@@ -4,8 +4,11 @@ The three coarser levels (patch 8, 16, 32) are projected to one width, tagged wi
 embedding and a centre embedding, concatenated, and refined by transformer layers whose
 neighbourhood attention mixes the levels by token position (the sparse counterpart of
 Mask2Former's multi-scale deformable attention). The finest level (patch 4) gets an FPN-style
-lateral projection plus the refined feature of the token it was split from. Then every level
-is densified: maps at strides 32/16/8 for the transformer decoder, mask features at stride 4.
+lateral projection plus the refined feature of the token it was split from; an unsplit
+coarse token takes the same step as its own parent (``fuse_coarse``), so the mask features of
+every stride-4 cell come out of one layer whatever the size of the token that paints it. Then
+every level is densified: maps at strides 32/16/8 for the transformer decoder, mask features
+at stride 4.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ def _proj(dim_in: int, dim: int) -> nn.Sequential:
 class PointPixelDecoder(nn.Module):
     def __init__(self, in_dims: tuple[int, int, int, int], dim: int = 256, layers: int = 6,
                  heads: int = 8, mlp_ratio: float = 4.0, mask_dim: int = 256,
-                 cluster_size: int = 8, nbhd_size: int = 48, centre_embedding: bool = False):
+                 cluster_size: int = 8, nbhd_size: int = 48, centre_embedding: bool = False,
+                 fuse_coarse: bool = True):
         """``in_dims``: encoder widths of the levels with patch 4, 8, 16, 32; the defaults are
         ``DecoderConfig``'s."""
         super().__init__()
@@ -46,6 +50,7 @@ class PointPixelDecoder(nn.Module):
         self.layers = Stage(Block(dim, heads, mlp_ratio, 0.0) for _ in range(layers))
         self.lateral = _proj(in_dims[0], dim)
         self.fuse = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU())
+        self.fuse_coarse = fuse_coarse
         self.mask_proj = nn.Linear(dim, mask_dim)
         self.densify_maps = nn.ModuleList(Densify(dim) for _ in range(3))
         self.densify_mask = Densify(mask_dim)
@@ -81,6 +86,9 @@ class PointPixelDecoder(nn.Module):
 
         maps = [dens(coarse_feats[: i + 1], coarse_centres[: i + 1], coarse_patches[: i + 1],
                      covers[i], height, width) for i, dens in enumerate(self.densify_maps)]
+        if self.fuse_coarse:  # an unsplit token is its own parent: the finest tokens' FPN step
+            coarse_feats = [self.fuse(proj(lv.features) + f)
+                            for proj, lv, f in zip(self.input_proj[::-1], coarse, coarse_feats)]
         mask_tokens = [self.mask_proj(f) for f in coarse_feats + [fine_feat]]
         mask_features = self.densify_mask(mask_tokens, coarse_centres + [fine.centres],
                                           coarse_patches + [fine.patch], covers[-1], height, width)
