@@ -108,7 +108,7 @@ def test_stage1_compares_global_with_window_attention():
 @pytest.mark.timeout(320)
 def test_score_heads_trains_and_compares_variants(tmp_path):
     out = run_script("benchmarks/score_heads.py", "--iters", "2", "--train", "4", "--heldout", "2",
-                     "--out", str(tmp_path), "--probe", "2", "--tau-scales", "0.5", "a=",
+                     "--out", str(tmp_path), "--probe", "2", "--tau-scales", "0.5", "--losses", "a=",
                      "b=upsampling.score_weight=1")
     rows = [line.split() for line in out.splitlines() if line.startswith(("a ", "b "))]
     sweep = [r for r in rows if r[1] == "tau"]  # name, tau, x0.5, mIoU, x full, split, edge recall
@@ -120,6 +120,12 @@ def test_score_heads_trains_and_compares_variants(tmp_path):
     # name, AUC and flat kept per block, 3 mIoU, 2 ratios, split and edge recall per block
     assert all(len(r) == 26 and 0 <= float(r[1]) <= 1 and float(r[14]) <= 1.05 for r in rows), rows
     assert "2 held-out scenes" in out
+    # --losses: per variant, rows of run, classes, token side, boundary band, pixels, lost, gained, net
+    losses = [line.split() for line in out.splitlines() if line.startswith(("dynamic ", "oracle "))]
+    assert {r[0] for r in losses} == {"dynamic", "oracle"} and {r[1] for r in losses} <= {"small", "large"}
+    assert all(r[2] in ("4", "8", "16", "32") and int(r[-3]) <= int(r[-4]) >= int(r[-2]) for r in losses)
+    pixels = [int(r[-4]) for r in losses if r[0] == "dynamic"]
+    assert sum(pixels) == sum(int(r[-4]) for r in losses if r[0] == "oracle") > 0  # every pixel, once per run
 
 
 @pytest.mark.timeout(320)
