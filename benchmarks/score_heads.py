@@ -62,13 +62,19 @@ def train_variant(name: str, overrides: list[str], shards: Path, out: Path, iter
     return cfg, result.last_checkpoint
 
 
+def three_runs(up) -> dict:
+    """{name: (RatioPolicy, oracle)}: full upsampling, eq. 1 on the heads' predictions, and
+    eq. 1 on the true edge fractions, with the variant's thresholds."""
+    return {"full": (up.ratio_policy("full"), False), "dynamic": (up.ratio_policy("per_image"), False),
+            "oracle": (up.ratio_policy("per_image"), True)}
+
+
 def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = ()) -> dict:
     """Full, dynamic and oracle runs; ``tau_scales``: also dynamic with tau_s times each."""
     from pipeline.evaluate_cli import compare_policies
 
     up = cfg.upsampling  # the variant's thresholds
-    runs = {"full": (up.ratio_policy("full"), False), "dynamic": (up.ratio_policy("per_image"), False),
-            "oracle": (up.ratio_policy("per_image"), True)}
+    runs = three_runs(up)
     for scale in tau_scales:
         scaled = dataclasses.replace(up, tau_scale=up.tau_scale * scale)
         runs[f"tau x{scale:g}"] = (scaled.ratio_policy("per_image"), False)
@@ -90,16 +96,16 @@ def where_lost(cfg, checkpoint: str) -> dict:
 
     from model.decoder.densify import cover_pyramid
     from model.edges import edge_map
-    from model.segmentor import semantic_probabilities
     from pipeline.data import EvalStream
+    from pipeline.evaluate import _probs
     from pipeline.evaluate_cli import load_checkpoint_model
     from pipeline.train import _SegmentationEval
 
     model, _, _, shards = load_checkpoint_model(cfg, checkpoint, torch.device("cpu"))
     samples = list(EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), 0, 1, 0))
-    up = cfg.upsampling
-    runs = {"full": (up.ratio_policy("full"), False), "dynamic": (up.ratio_policy("per_image"), False),
-            "oracle": (up.ratio_policy("per_image"), True)}
+    runs = three_runs(cfg.upsampling)
+    seen = []  # the encoder's output of the last forward: the levels that paint the mask features
+    model.encoder.register_forward_hook(lambda module, args, out: seen.append(out))
     counts = np.bincount(np.concatenate([s["label"][s["label"] != 255].numpy() for s in samples]))
     small = torch.from_numpy(counts < SMALL_CLASS * counts.sum())
     table: dict = {"dynamic": {}, "oracle": {}}
@@ -113,12 +119,10 @@ def where_lost(cfg, checkpoint: str) -> dict:
         for name, (policy, oracle) in runs.items():
             maps = {k: m[None] for k, m in s["scores"].items()} if oracle else None
             image = s["image"][None]
-            enc = model.encoder(image, policy, maps)
             H, W = image.shape[-2:]
-            pix = model.pixel_decoder(enc.levels, H, W)
-            probs = semantic_probabilities(model.decoder(pix.maps, pix.mask_features)[-1], (H, W))[..., :h, :w]
+            probs, _ = _probs(model, image, policy, (h, w), maps)
             right[name] = F.interpolate(probs, size=label.shape, mode="bilinear").argmax(1)[0] == label
-            levels = enc.levels[::-1]  # patch 32 first, the painting order
+            levels = seen.pop().levels[::-1]  # patch 32 first, the painting order
             cover = cover_pyramid([lv.centres for lv in levels], [lv.patch for lv in levels], H, W)[-1]
             ends = torch.tensor([lv.centres.shape[1] for lv in levels]).cumsum(0)
             sides = torch.tensor([lv.patch for lv in levels])[torch.searchsorted(ends, cover[0], right=True)]
