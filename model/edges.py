@@ -5,6 +5,11 @@ is an edge pixel when a 4-neighbour carries a different class; ignore pixels are
 pixels and never make a neighbour one. The score of a patch of side s is its edge-pixel
 count / s^2. Maps cover ceil(H/s) x ceil(W/s) patches: pixels beyond the image count as
 non-edge (the same as the ignore padding that inference adds).
+
+``radius`` > 0 (``upsampling.edge_radius``; the paper's is 0) widens each edge into a band:
+every labelled pixel within that Chebyshev distance of an edge pixel counts too, so a patch
+inside a small object (whose boundary is a few pixels away) scores above the thresholds and is
+split, while the inside of a large region still scores 0.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ from .tokens import raster_cells
 SCORE_SCALES = (32, 16, 8)  # patch sides of the tokens the three upsampling blocks score
 
 
-def edge_map(label: Tensor, ignore_index: int = 255) -> Tensor:
-    """Boolean edge map of integer labels (..., H, W)."""
+def edge_map(label: Tensor, ignore_index: int = 255, radius: int = 0) -> Tensor:
+    """Boolean edge map of integer labels (..., H, W), widened by ``radius`` pixels."""
     valid = label != ignore_index
     edge = torch.zeros_like(label, dtype=torch.bool)
     dx = (label[..., :, 1:] != label[..., :, :-1]) & valid[..., :, 1:] & valid[..., :, :-1]
@@ -28,15 +33,19 @@ def edge_map(label: Tensor, ignore_index: int = 255) -> Tensor:
     edge[..., :, :-1] |= dx
     edge[..., 1:, :] |= dy
     edge[..., :-1, :] |= dy
+    if radius > 0:
+        lead, (h, w) = edge.shape[:-2], edge.shape[-2:]
+        band = F.max_pool2d(edge.reshape(-1, 1, h, w).float(), 2 * radius + 1, 1, radius)
+        edge = (band.reshape(*lead, h, w) > 0) & valid
     return edge
 
 
 def edge_scores(label: Tensor | np.ndarray, scales=SCORE_SCALES,
-                ignore_index: int = 255) -> dict[int, Tensor]:
+                ignore_index: int = 255, radius: int = 0) -> dict[int, Tensor]:
     """{s: (..., ceil(H/s), ceil(W/s)) float32 edge fraction} for integer labels (..., H, W)."""
     if isinstance(label, np.ndarray):
         label = torch.from_numpy(label.astype(np.int64))
-    edge = edge_map(label, ignore_index).float()
+    edge = edge_map(label, ignore_index, radius).float()
     lead, (h, w) = edge.shape[:-2], edge.shape[-2:]
     edge = edge.reshape(-1, 1, h, w)
     out = {}

@@ -56,12 +56,12 @@ def semantic_probabilities(pred: Prediction, size: tuple[int, int]) -> Tensor:
 
 
 def oracle_maps(labels: Tensor, rate: float, generator: torch.Generator | None = None,
-                ignore_index: int = 255) -> dict[int, Tensor] | None:
+                ignore_index: int = 255, edge_radius: int = 0) -> dict[int, Tensor] | None:
     """Table 7's oracle: with probability ``rate`` a batch's tokens are chosen by the
     ground-truth edge fractions (returned for ``forward(oracle_maps=...)``), else None."""
     if rate <= 0 or float(torch.rand((), generator=generator)) >= rate:
         return None
-    return edge_scores(labels, SCORE_SCALES, ignore_index)
+    return edge_scores(labels, SCORE_SCALES, ignore_index, edge_radius)
 
 
 class DUPSSegmentor(nn.Module):

@@ -79,7 +79,8 @@ def pad_to(image: torch.Tensor, label: torch.Tensor, height: int, width: int):
 
 
 def train_segmentation(sample: dict, crop: int, rng: np.random.Generator,
-                       scale_range=(0.5, 2.0), use_photometric: bool = True) -> dict:
+                       scale_range=(0.5, 2.0), use_photometric: bool = True,
+                       edge_radius: int = 0) -> dict:
     image = decode_image(sample["img"])
     label = decode_label(sample["seg.png"])
     image, label = resize_short_side(image, label, int(crop * rng.uniform(*scale_range)))
@@ -93,23 +94,23 @@ def train_segmentation(sample: dict, crop: int, rng: np.random.Generator,
     if use_photometric:
         image = photometric(np.ascontiguousarray(image), rng)
     img, lab = pad_to(normalise(image), torch.from_numpy(label.astype(np.int64)), crop, crop)
-    return {"image": img, "label": lab, "scores": edge_scores(lab, SCORE_SCALES, IGNORE),
+    return {"image": img, "label": lab, "scores": edge_scores(lab, SCORE_SCALES, IGNORE, edge_radius),
             "key": sample["__key__"]}
 
 
-def eval_segmentation(sample: dict, short_side: int) -> dict:
+def eval_segmentation(sample: dict, short_side: int, edge_radius: int = 0) -> dict:
     """Image resized to ``short_side`` (0 = unchanged) and padded to multiples of 32; the label
     stays at its original size (mIoU is measured there). Score maps: the shard's own when the
-    image is unchanged, else recomputed from the resized label."""
+    image is unchanged and ``edge_radius`` is the shards' 0, else recomputed from the label."""
     image = decode_image(sample["img"])
     label = decode_label(sample["seg.png"])
     unchanged = short_side == 0 or min(label.shape) == short_side
-    if unchanged:
+    if unchanged and edge_radius == 0:
         seen = label
         scores = {s: torch.from_numpy(decode_npy(sample[f"edge{s}.npy"]).astype(np.float32)) for s in SCORE_SCALES}
     else:
-        image, seen = resize_short_side(image, label, short_side)
-        scores = edge_scores(seen.astype(np.int64), SCORE_SCALES, IGNORE)
+        image, seen = (image, label) if unchanged else resize_short_side(image, label, short_side)
+        scores = edge_scores(seen.astype(np.int64), SCORE_SCALES, IGNORE, edge_radius)
     h, w = seen.shape
     img = normalise(np.ascontiguousarray(image))
     ph, pw = -h % 32, -w % 32

@@ -84,6 +84,11 @@ class UpsamplingConfig:
     # Table 8's thresholds tau_s times this (1: the paper's). Lower splits more tokens; on the
     # demo's scenes 0.5 helped with one seed and hurt with another (BENCHMARKS.md 1b).
     tau_scale: float = 1.0
+    # Score targets: pixels within this many pixels of a semantic edge count as edge pixels
+    # (0: the paper's, a pixel with a 4-neighbour of another class). A band lets the heads
+    # split the inside of small objects, which coarse tokens otherwise paint with the
+    # surrounding class (BENCHMARKS.md 1b). Training and evaluation targets both use it.
+    edge_radius: int = 0
 
     def ratio_policy(self, kind: str | None = None):
         """The run's ``RatioPolicy`` (``kind`` instead of ``policy`` if given)."""

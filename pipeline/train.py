@@ -174,7 +174,7 @@ class Trainer:
         d = self.cfg.data
         if self.pretrain:
             return _ClassificationTransform(d.image_size, d.rand_augment, d.random_erasing)
-        return _SegmentationTransform(d.crop, d.scale_range, d.photometric)
+        return _SegmentationTransform(d.crop, d.scale_range, d.photometric, self.cfg.upsampling.edge_radius)
 
     # --- checkpoints -------------------------------------------------------------------
     def _load(self, location: str) -> dict:
@@ -231,7 +231,8 @@ class Trainer:
             loss = soft_cross_entropy(self.engine(images), targets)
             terms = {"loss": loss}
         else:
-            oracle = oracle_maps(batch["label"], cfg.upsampling.oracle_rate, self.oracle_gen)
+            oracle = oracle_maps(batch["label"], cfg.upsampling.oracle_rate, self.oracle_gen,
+                                 edge_radius=cfg.upsampling.edge_radius)
             if oracle is not None:
                 oracle = {k: v.to(self.device) for k, v in oracle.items()}
             policy = self.full_policy if in_full_warmup(self.step, cfg) else self.policy
@@ -331,7 +332,7 @@ class Trainer:
             stream = EvalStream(shards, _ClassificationEval(cfg.data.image_size), self.rank, self.world,
                                 cfg.data.max_eval_images)
             return evaluate_classification(model, stream, self.device, self.dtype)
-        stream = EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side), self.rank, self.world,
+        stream = EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side, cfg.upsampling.edge_radius), self.rank, self.world,
                             cfg.data.max_eval_images)
         policy = cfg.upsampling.ratio_policy()
         res = evaluate(model, stream, cfg.model.num_classes, policy, cfg.eval, cfg.data.crop, self.device,
@@ -369,11 +370,13 @@ def _memory_gb() -> float:
 class _SegmentationTransform:
     """Picklable (DataLoader workers) wrapper of the training augmentation."""
 
-    def __init__(self, crop, scale_range, photometric):
+    def __init__(self, crop, scale_range, photometric, edge_radius: int = 0):
         self.crop, self.scale_range, self.photometric = crop, scale_range, photometric
+        self.edge_radius = edge_radius
 
     def __call__(self, sample, rng):
-        return augment.train_segmentation(sample, self.crop, rng, self.scale_range, self.photometric)
+        return augment.train_segmentation(sample, self.crop, rng, self.scale_range, self.photometric,
+                                          self.edge_radius)
 
 
 class _ClassificationTransform:
@@ -387,11 +390,11 @@ class _ClassificationTransform:
 
 
 class _SegmentationEval:
-    def __init__(self, short_side):
-        self.short_side = short_side
+    def __init__(self, short_side, edge_radius: int = 0):
+        self.short_side, self.edge_radius = short_side, edge_radius
 
     def __call__(self, sample):
-        return augment.eval_segmentation(sample, self.short_side)
+        return augment.eval_segmentation(sample, self.short_side, self.edge_radius)
 
 
 class _ClassificationEval:

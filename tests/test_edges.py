@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from model.edges import edge_scores, token_targets
+from model.edges import edge_map, edge_scores, token_targets
 
 
 def brute_force_scores(label: np.ndarray, s: int, ignore: int = 255) -> np.ndarray:
@@ -36,6 +36,28 @@ def test_edge_scores_equal_brute_force_on_random_labels():
         got = edge_scores(label, scales=(32, 16, 8))
         for s in (32, 16, 8):
             np.testing.assert_allclose(got[s].numpy(), brute_force_scores(label, s), atol=1e-7)
+
+
+def test_an_edge_band_counts_every_labelled_pixel_near_an_edge():
+    """``radius`` r: a labelled pixel is an edge pixel when an edge pixel of the paper's
+    definition lies within Chebyshev distance r (checked by brute force); ignore pixels never."""
+    rng = np.random.default_rng(1)
+    label = rng.integers(0, 3, size=(6, 8)).repeat(8, 0).repeat(8, 1).astype(np.uint8)  # 48 x 64
+    label[rng.random(label.shape) < 0.05] = 255
+    thin = edge_map(torch.from_numpy(label.astype(np.int64))).numpy()
+    for r in (1, 3):
+        want = np.zeros_like(thin)
+        for y, x in zip(*np.nonzero(thin)):
+            want[max(y - r, 0):y + r + 1, max(x - r, 0):x + r + 1] = True
+        want &= label != 255
+        got = edge_scores(label, scales=(16, 8), radius=r)
+        for s in (16, 8):
+            np.testing.assert_allclose(
+                got[s].numpy(), want.reshape(48 // s, s, 64 // s, s).mean((1, 3)), atol=1e-7)
+    inner = np.zeros((64, 64), np.uint8)
+    inner[14:50, 14:50] = 1  # the 16-px patch (16:32, 16:32) lies 2 px inside the object's edge
+    assert edge_scores(inner, scales=(16,), radius=1)[16][1, 1] == 0
+    assert edge_scores(inner, scales=(16,), radius=2)[16][1, 1] == 31 / 256  # its top row and left column
 
 
 def test_flat_label_has_no_edges_and_a_batch_dimension_is_kept():
