@@ -9,6 +9,7 @@ GFLOPs under full upsampling, the dynamic ratio (eq. 1 on the head's predictions
 oracle's (eq. 1 on the true edge fractions).
 
     .venv/bin/python benchmarks/score_heads.py --iters 600 [--tau-scales 0.5,0.25] [--losses] \\
+        [--oracle-radii 1,2,4] \\
         base= weight10=upsampling.score_weight=10 trained_full=upsampling.policy=full
 
 A variant is NAME=override[,override...] (an empty list: the defaults). Runs and data are
@@ -69,8 +70,11 @@ def three_runs(up) -> dict:
             "oracle": (up.ratio_policy("per_image"), True)}
 
 
-def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = ()) -> dict:
-    """Full, dynamic and oracle runs; ``tau_scales``: also dynamic with tau_s times each."""
+def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = (),
+                     oracle_radii: tuple[int, ...] = ()) -> dict:
+    """Full, dynamic and oracle runs; ``tau_scales``: also dynamic with tau_s times each;
+    ``oracle_radii``: also the oracle on edge fractions widened by each radius (the model
+    as trained: which tokens would it need split to lose nothing?)."""
     from pipeline.evaluate_cli import compare_policies
 
     up = cfg.upsampling  # the variant's thresholds
@@ -78,7 +82,12 @@ def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = ()) -
     for scale in tau_scales:
         scaled = dataclasses.replace(up, tau_scale=up.tau_scale * scale)
         runs[f"tau x{scale:g}"] = (scaled.ratio_policy("per_image"), False)
-    return compare_policies(cfg, checkpoint, runs, torch.device("cpu"))
+    results = compare_policies(cfg, checkpoint, runs, torch.device("cpu"))
+    for radius in oracle_radii:
+        widened = dataclasses.replace(cfg, upsampling=dataclasses.replace(up, edge_radius=radius))
+        results[f"oracle r{radius}"] = compare_policies(
+            widened, checkpoint, {"oracle": (up.ratio_policy("per_image"), True)}, torch.device("cpu"))["oracle"]
+    return results
 
 
 SMALL_CLASS = 0.05  # a class under this share of the held-out pixels counts as "small"
@@ -198,6 +207,8 @@ def main() -> None:
     ap.add_argument("--out", default="score_heads_run")
     ap.add_argument("--tau-scales", default="", help="comma-separated factors: also run eq. 1 with "
                     "tau_s times each (how mIoU trades against GFLOPs)")
+    ap.add_argument("--oracle-radii", default="", help="comma-separated radii: also run the oracle "
+                    "on edge fractions widened by each (upsampling.edge_radius at evaluation only)")
     ap.add_argument("--probe", type=int, default=0,
                     help="also retrain each variant's score heads alone on its frozen features for N steps")
     ap.add_argument("--losses", action="store_true", help="also print where sparse evaluation loses "
@@ -212,7 +223,8 @@ def main() -> None:
         cfg, checkpoint = train_variant(name, [o for o in rest.split(",") if o], shards, out,
                                         args.iters, args.seed)
         scales = tuple(float(x) for x in args.tau_scales.split(",") if x)
-        rows.append((name, evaluate_variant(cfg, checkpoint, scales)))
+        radii = tuple(int(x) for x in args.oracle_radii.split(",") if x)
+        rows.append((name, evaluate_variant(cfg, checkpoint, scales, radii)))
         print(f"  {name}: {rows[-1][1]['full'].selection_line()}", flush=True)
         if args.losses:
             print_losses(name, where_lost(cfg, checkpoint))
@@ -236,10 +248,11 @@ def main() -> None:
               f"{dyn.gflops_mean / full.gflops_mean:>11.3f}{orc.gflops_mean / full.gflops_mean:>9.3f}  "
               f"{row(dyn.split_ratio, '.2f'):<20}{row(dyn.edge_recall, '.2f')}")
 
-    sweeps = [(name, k, r) for name, res in rows for k, r in res.items() if k.startswith("tau x")]
+    sweeps = [(name, k, r) for name, res in rows for k, r in res.items() if k.startswith(("tau x", "oracle r"))]
     if sweeps:
-        print("\neq. 1 on the heads' predictions with scaled thresholds")
-        print(f"{'variant':<18}{'tau':<9}{'mIoU':>6}{'x full':>8}  {'split':<20}edge recall")
+        print("\neq. 1 on the heads' predictions with scaled thresholds (tau x), and on true edge "
+              "fractions widened by r pixels (oracle r)")
+        print(f"{'variant':<18}{'run':<9}{'mIoU':>6}{'x full':>8}  {'split':<20}edge recall")
         for name, key, res in sweeps:
             full = dict(rows)[name]["full"]
             print(f"{name:<18}{key:<9}{res.mIoU:>6.1f}{res.gflops_mean / full.gflops_mean:>8.3f}  "
