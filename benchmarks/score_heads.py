@@ -111,7 +111,7 @@ def where_lost(cfg, checkpoint: str) -> dict:
     from pipeline.train import _SegmentationEval
 
     model, _, _, shards = load_checkpoint_model(cfg, checkpoint, torch.device("cpu"))
-    samples = list(EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side, cfg.upsampling.edge_radius), 0, 1, 0))
+    samples = list(EvalStream(shards, _SegmentationEval.of(cfg), 0, 1, 0))
     runs = three_runs(cfg.upsampling)
     seen = []  # the encoder's output of the last forward: the levels that paint the mask features
     model.encoder.register_forward_hook(lambda module, args, out: seen.append(out))
@@ -181,7 +181,7 @@ def probe_heads(cfg, checkpoint: str, steps: int, lr: float = 1e-3) -> str:
     opt = torch.optim.AdamW([p for h in heads for p in h.parameters()], lr=lr, weight_decay=0.0)
     d = cfg.data
     loader, _ = train_loader(shards_of(d.train, load_manifest(d.train), "train"),
-                             _SegmentationTransform(d.crop, d.scale_range, d.photometric, cfg.upsampling.edge_radius),
+                             _SegmentationTransform.of(cfg),
                              d.batch_size, 0, 1, 0, cfg.train.seed, d.shuffle_buffer)
     criterion = SegmentationCriterion(cfg.model.num_classes)
     batches = iter(loader)

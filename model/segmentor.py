@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from .config import decoder_config, encoder_config
 from .decoder import MaskedTransformerDecoder, PointPixelDecoder, Prediction
-from .edges import SCORE_SCALES, edge_scores
 from .encoder import DUPSEncoder
 from .ratios import RatioPolicy
 from .upsampling import UpsampleRecord
@@ -55,13 +54,14 @@ def semantic_probabilities(pred: Prediction, size: tuple[int, int]) -> Tensor:
     return torch.einsum("bqk,bqhw->bkhw", classes, masks.sigmoid())
 
 
-def oracle_maps(labels: Tensor, rate: float, generator: torch.Generator | None = None,
-                ignore_index: int = 255, edge_radius: int = 0) -> dict[int, Tensor] | None:
-    """Table 7's oracle: with probability ``rate`` a batch's tokens are chosen by the
-    ground-truth edge fractions (returned for ``forward(oracle_maps=...)``), else None."""
+def oracle_maps(maps: dict[int, Tensor], rate: float,
+                generator: torch.Generator | None = None) -> dict[int, Tensor] | None:
+    """Table 7's oracle: with probability ``rate`` a batch's tokens are chosen by its
+    ground-truth edge fractions ``maps`` (the score loss's targets; returned for
+    ``forward(oracle_maps=...)``), else None."""
     if rate <= 0 or float(torch.rand((), generator=generator)) >= rate:
         return None
-    return edge_scores(labels, SCORE_SCALES, ignore_index, edge_radius)
+    return maps
 
 
 class DUPSSegmentor(nn.Module):

@@ -34,7 +34,7 @@ def compare_policies(cfg: Config, checkpoint: str, policies: dict, device: torch
     from .train import _SegmentationEval
 
     model, _, _, shards = load_checkpoint_model(cfg, checkpoint, device)
-    samples = list(EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side, cfg.upsampling.edge_radius), 0, 1, images))
+    samples = list(EvalStream(shards, _SegmentationEval.of(cfg), 0, 1, images))
     return {name: evaluate(model, samples, cfg.model.num_classes, policy, EvalConfig(), cfg.data.crop, device,
                            oracle=oracle, progress=False) for name, (policy, oracle) in policies.items()}
 
@@ -53,7 +53,7 @@ def run_eval(cfg: Config, checkpoint: str):
             tracker.metrics(metrics, 0)
             return "\n".join(f"{k}: {v:.2f}" for k, v in metrics.items()), metrics
         policy = cfg.upsampling.ratio_policy()
-        stream = EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side, cfg.upsampling.edge_radius), 0, 1, cfg.data.max_eval_images)
+        stream = EvalStream(shards, _SegmentationEval.of(cfg), 0, 1, cfg.data.max_eval_images)
         res = evaluate(model, stream, cfg.model.num_classes, policy, cfg.eval, cfg.data.crop, device,
                        pictures=cfg.train.pictures)
         tracker.metrics(res.metrics(), 0)

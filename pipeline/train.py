@@ -174,7 +174,7 @@ class Trainer:
         d = self.cfg.data
         if self.pretrain:
             return _ClassificationTransform(d.image_size, d.rand_augment, d.random_erasing)
-        return _SegmentationTransform(d.crop, d.scale_range, d.photometric, self.cfg.upsampling.edge_radius)
+        return _SegmentationTransform.of(self.cfg)
 
     # --- checkpoints -------------------------------------------------------------------
     def _load(self, location: str) -> dict:
@@ -231,13 +231,10 @@ class Trainer:
             loss = soft_cross_entropy(self.engine(images), targets)
             terms = {"loss": loss}
         else:
-            oracle = oracle_maps(batch["label"], cfg.upsampling.oracle_rate, self.oracle_gen,
-                                 edge_radius=cfg.upsampling.edge_radius)
-            if oracle is not None:
-                oracle = {k: v.to(self.device) for k, v in oracle.items()}
+            maps = {k: v.to(self.device) for k, v in batch["scores"].items()}
+            oracle = oracle_maps(maps, cfg.upsampling.oracle_rate, self.oracle_gen)
             policy = self.full_policy if in_full_warmup(self.step, cfg) else self.policy
             out = self.engine(images, policy, oracle_maps=oracle)
-            maps = {k: v.to(self.device) for k, v in batch["scores"].items()}
             terms = self.criterion(out.predictions, labels, out.records, score_maps=maps)
             loss = terms["loss"]
         if all_reduce_sum((~torch.isfinite(loss.detach())).float()).item():
@@ -332,7 +329,7 @@ class Trainer:
             stream = EvalStream(shards, _ClassificationEval(cfg.data.image_size), self.rank, self.world,
                                 cfg.data.max_eval_images)
             return evaluate_classification(model, stream, self.device, self.dtype)
-        stream = EvalStream(shards, _SegmentationEval(cfg.data.eval_short_side, cfg.upsampling.edge_radius), self.rank, self.world,
+        stream = EvalStream(shards, _SegmentationEval.of(cfg), self.rank, self.world,
                             cfg.data.max_eval_images)
         policy = cfg.upsampling.ratio_policy()
         res = evaluate(model, stream, cfg.model.num_classes, policy, cfg.eval, cfg.data.crop, self.device,
@@ -374,6 +371,12 @@ class _SegmentationTransform:
         self.crop, self.scale_range, self.photometric = crop, scale_range, photometric
         self.edge_radius = edge_radius
 
+    @classmethod
+    def of(cls, cfg) -> "_SegmentationTransform":
+        """A run's augmentation: its crop, scale jitter, photometric switch and score targets."""
+        d = cfg.data
+        return cls(d.crop, d.scale_range, d.photometric, cfg.upsampling.edge_radius)
+
     def __call__(self, sample, rng):
         return augment.train_segmentation(sample, self.crop, rng, self.scale_range, self.photometric,
                                           self.edge_radius)
@@ -392,6 +395,11 @@ class _ClassificationTransform:
 class _SegmentationEval:
     def __init__(self, short_side, edge_radius: int = 0):
         self.short_side, self.edge_radius = short_side, edge_radius
+
+    @classmethod
+    def of(cls, cfg) -> "_SegmentationEval":
+        """A run's evaluation decoding: its short side and score targets."""
+        return cls(cfg.data.eval_short_side, cfg.upsampling.edge_radius)
 
     def __call__(self, sample):
         return augment.eval_segmentation(sample, self.short_side, self.edge_radius)

@@ -144,10 +144,11 @@ def test_oracle_scores_choose_the_tokens():
     images, labels = scenes(2, size=128)
     model = build_segmentor("dups_demo", num_classes=5).train()
     g = torch.Generator().manual_seed(0)
-    assert oracle_maps(labels, 0.0, g) is None
-    used = sum(oracle_maps(labels, 0.3, g) is not None for _ in range(2000))
+    fractions = edge_scores(labels)
+    assert oracle_maps(fractions, 0.0, g) is None
+    used = sum(oracle_maps(fractions, 0.3, g) is not None for _ in range(2000))
     assert 500 < used < 700  # about 30% of batches
-    maps = oracle_maps(labels, 1.0, g)
+    maps = oracle_maps(fractions, 1.0, g)
     torch.testing.assert_close(maps[16], edge_scores(labels)[16])
     out = model(images, RatioPolicy.from_preset("batch", "ade20k"), oracle_maps=maps)
     for rec in out.records:
