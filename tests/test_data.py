@@ -10,7 +10,8 @@ from data_prep.synth import write_ade20k_layout
 from model.edges import edge_scores
 from pipeline import augment
 from pipeline.data import TrainStream, load_manifest, read_shard, shards_of, train_loader
-from pipeline.train import _SegmentationTransform
+from pipeline.config import load_config
+from pipeline.train import _SegmentationEval, _SegmentationTransform
 
 TRANSFORM = _SegmentationTransform(64, (0.5, 1.5), True)
 
@@ -88,6 +89,14 @@ def test_precomputed_maps_equal_recomputed_ones(dataset):
     out = TRANSFORM(sample, np.random.default_rng(0))
     for s, m in edge_scores(out["label"]).items():
         assert torch.equal(out["scores"][s], m)
+    # with upsampling.edge_radius the run's transforms compute the widened targets instead
+    cfg = load_config("demo", ["upsampling.edge_radius=2"])
+    out = _SegmentationTransform.of(cfg)(sample, np.random.default_rng(0))
+    ev = _SegmentationEval.of(cfg)(sample)
+    for got, label in ((out, out["label"]), (ev, ev["label"])):
+        for s, m in edge_scores(label, radius=2).items():
+            assert torch.equal(got["scores"][s], m)
+            assert m.sum() > edge_scores(label)[s].sum()
 
 
 def test_streams_from_s3_like_from_disk(dataset, tmp_path, monkeypatch):
