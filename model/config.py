@@ -32,6 +32,11 @@ class EncoderConfig:
     score_norm: bool = True
     score_sigmoid: bool = False
     child_norm: bool = True
+    # Each head predicts the edge fractions of an m x m grid of cells of its token (m =
+    # score_cells) and scores the token with their mean, which is the token's edge fraction:
+    # eq. 1 and tau are unchanged, the loss says where in the token the edges are (1: the
+    # paper's one fraction per token).
+    score_cells: int = 1
     # Sinusoidal centre embeddings (not in the paper) on the stem's and the children's tokens:
     # off, as measured (BENCHMARKS.md section 1b: no gain; attention has its position bias)
     centre_embedding: bool = False
@@ -40,6 +45,8 @@ class EncoderConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.score_cells not in (1, 2, 4):
+            raise ValueError(f"score_cells must be 1, 2 or 4, got {self.score_cells}")
         if self.stage1_attention not in ("global", "window"):
             raise ValueError(f"stage1_attention must be 'global' or 'window', got {self.stage1_attention!r}")
         for d in self.dims:

@@ -9,6 +9,7 @@ run reproduces the reference implementation's numbers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .decoder import Prediction
-from .edges import edge_scores, token_targets
+from .edges import cell_centres, edge_scores, token_targets
 from .upsampling import UpsampleRecord
 
 
@@ -34,6 +35,7 @@ class CriterionConfig:
     score_weight: float = 1000.0  # see pipeline.config.UpsamplingConfig
     deep_supervision: bool = True
     ignore_index: int = 255
+    edge_radius: int = 0  # the score targets' edge band (pipeline.config.UpsamplingConfig)
 
 
 @dataclass
@@ -81,6 +83,23 @@ def _mse(pred: Tensor, target: Tensor, valid: Tensor | None) -> Tensor:
     if valid is None:
         return F.mse_loss(pred, target)
     return ((pred - target).square() * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _target_side(record: UpsampleRecord) -> int:
+    """Side of the patches whose edge fractions a block's head predicts: its tokens' or their cells'."""
+    return record.patch if record.cells is None else record.patch // math.isqrt(record.cells.shape[-1])
+
+
+def _block_score_loss(r: UpsampleRecord, maps: dict[int, Tensor]) -> Tensor:
+    if not r.scores.numel():  # nothing to score: an exact zero that is still part of the graph
+        return r.scores.sum() * 0.0
+    if r.cells is None:
+        return _mse(r.scores.float(), token_targets(maps[r.patch], r.centres, r.patch), r.valid)
+    b, n, c = r.cells.shape
+    side = _target_side(r)
+    target = token_targets(maps[side], cell_centres(r.centres, r.patch, math.isqrt(c)), side)
+    valid = None if r.valid is None else r.valid[..., None].expand(b, n, c)
+    return _mse(r.cells.float(), target.view(b, n, c), valid)
 
 
 class SegmentationCriterion(nn.Module):
@@ -145,17 +164,18 @@ class SegmentationCriterion(nn.Module):
 
     def score_loss(self, records: list[UpsampleRecord], labels: Tensor,
                    maps: dict[int, Tensor] | None = None) -> Tensor:
-        """MSE of every upsampling block's predicted edge fractions, summed over blocks.
-        ``maps``: the edge fractions {patch: (B, H/p, W/p)} if the loader has them already;
-        otherwise they are computed from ``labels``."""
+        """MSE of every upsampling block's predicted edge fractions (of its tokens, or of
+        their cells where the heads predict cells), summed over blocks. ``maps``: the edge
+        fractions {patch: (B, H/p, W/p)} if the loader has them already; the others are
+        computed from ``labels``."""
         scored = [r for r in records if r.scores is not None]
         if not scored:
             return labels.new_zeros((), dtype=torch.float32)
-        if maps is None:
-            maps = edge_scores(labels, {r.patch for r in scored}, self.cfg.ignore_index)
-        # a block with nothing to score adds an exact zero that is still part of the graph
-        return sum(_mse(r.scores.float(), token_targets(maps[r.patch], r.centres, r.patch), r.valid)
-                   if r.scores.numel() else r.scores.sum() * 0.0 for r in scored)
+        maps = dict(maps or {})
+        missing = {_target_side(r) for r in scored} - maps.keys()
+        if missing:
+            maps.update(edge_scores(labels, missing, self.cfg.ignore_index, self.cfg.edge_radius))
+        return sum(_block_score_loss(r, maps) for r in scored)
 
     def forward(self, predictions: list[Prediction], labels: Tensor,
                 records: list[UpsampleRecord] | None = None,

@@ -56,6 +56,16 @@ def edge_scores(label: Tensor | np.ndarray, scales=SCORE_SCALES,
     return out
 
 
+def cell_centres(centres: Tensor, patch: int, cells: int) -> Tensor:
+    """Centres (B, n * cells^2, 2) of the cells^2 cells of side patch / cells of each token of
+    side ``patch`` at ``centres`` (B, n, 2); each token's cells in raster order."""
+    side = patch / cells
+    steps = (torch.arange(cells, device=centres.device, dtype=centres.dtype) + 0.5) * side - patch / 2
+    y, x = torch.meshgrid(steps, steps, indexing="ij")
+    offsets = torch.stack([x.flatten(), y.flatten()], -1)  # (cells^2, 2), (x, y) as centres
+    return (centres[:, :, None] + offsets).flatten(1, 2)
+
+
 def token_targets(score_map: Tensor, centres: Tensor, patch: int) -> Tensor:
     """Targets (B, n) for tokens of side ``patch`` at ``centres`` (B, n, 2) from a score
     map (B, rows, cols) of the same patch side. Tokens beyond the map get 0: an image padded

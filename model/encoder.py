@@ -93,7 +93,8 @@ class DUPSEncoder(nn.Module):
         self.left = nn.ModuleList(stage("left", i) for i in range(4))
         self.upsample = nn.ModuleList(
             UpsamplingBlock(d[i], STAGE_PATCH_SIZES[i], cfg.image_data, cfg.score_norm,
-                            cfg.score_sigmoid, cfg.child_norm, cfg.centre_embedding) for i in range(3))
+                            cfg.score_sigmoid, cfg.child_norm, cfg.centre_embedding, cfg.score_cells)
+            for i in range(3))
         self.widen_up = nn.ModuleList(projection(d[i], d[i + 1]) for i in range(3))
         if cfg.unet:
             self.right = nn.ModuleList(stage("right", i) for i in range(3))

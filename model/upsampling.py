@@ -54,6 +54,7 @@ class UpsampleRecord:
     selected: Tensor  # (B, K) indices into the scored tokens, ascending (a packed batch: real ones first)
     valid: Tensor | None = None  # (B, N_s) real candidates of a packed batch (a prefix of each row)
     chosen: Tensor | None = None  # (B, K) real entries of ``selected`` in a packed batch
+    cells: Tensor | None = None  # (B, N_s, m^2) predicted fractions of each token's cells, raster order
 
     def of_image(self, sample: int) -> tuple[Tensor, Tensor | None, Tensor]:
         """One image's real candidates: centres (n, 2), scores (n,) or None, and the indices
@@ -73,13 +74,14 @@ class UpsamplingBlock(nn.Module):
 
     def __init__(self, dim: int, parent_patch: int, image_data: bool = True,
                  score_norm: bool = True, score_sigmoid: bool = False, child_norm: bool = True,
-                 centre_embedding: bool = False):
+                 centre_embedding: bool = False, score_cells: int = 1):
         """The switches default as ``EncoderConfig``'s do."""
         super().__init__()
         self.parent_patch = parent_patch
         self.child_patch = parent_patch // 2
         self.score_in = nn.LayerNorm(dim) if score_norm else nn.Identity()
-        self.score = mlp(dim, dim, 1, layers=3)
+        self.score_cells = score_cells
+        self.score = mlp(dim, dim, score_cells ** 2, layers=3)
         self.score_sigmoid = score_sigmoid
         self.scale_embed = LearnedTensor(dim)
         self.subpatch_embed = LearnedTensor(4, dim)
@@ -106,10 +108,12 @@ class UpsamplingBlock(nn.Module):
         cand_centres = tokens.centres[:, rows]
         cand_valid = None if tokens.valid is None else tokens.valid[:, rows]
         b, n, d = cand.shape
-        scores = None
+        scores = cells = None
         if not policy.random_selection:
-            scores = self.score(self.score_in(cand)).squeeze(-1)
-            scores = scores.sigmoid() if self.score_sigmoid else scores
+            cells = self.score(self.score_in(cand))
+            cells = cells.sigmoid() if self.score_sigmoid else cells
+            scores = cells.mean(-1)  # a token's edge fraction is the mean of its cells'
+            cells = cells if self.score_cells > 1 else None
         choose_by = scores
         if oracle_map is not None:
             choose_by = token_targets(oracle_map, cand_centres, self.parent_patch)
@@ -123,7 +127,7 @@ class UpsamplingBlock(nn.Module):
         else:
             k = policy.num_selected(block, choose_by.detach(), self.training)
             selected = choose_by.detach().topk(k, dim=1).indices.sort(dim=1).values
-        record = UpsampleRecord(self.parent_patch, cand_centres, scores, selected, cand_valid, chosen)
+        record = UpsampleRecord(self.parent_patch, cand_centres, scores, selected, cand_valid, chosen, cells)
         # K = 0 runs the same code on empty tensors: every parameter still gets a (zero)
         # gradient, so data-parallel ranks with different K reduce the same buckets.
         parents = cand.gather(1, selected[..., None].expand(-1, -1, d))  # (B, K, d)

@@ -144,7 +144,8 @@ class Trainer:
         self.pretrain = cfg.train.task == "pretrain"
         if not self.pretrain:
             self.criterion = SegmentationCriterion(cfg.model.num_classes,
-                                                   CriterionConfig(score_weight=cfg.upsampling.score_weight))
+                                                   CriterionConfig(score_weight=cfg.upsampling.score_weight,
+                                                                   edge_radius=cfg.upsampling.edge_radius))
             self.policy = cfg.upsampling.ratio_policy()
             self.full_policy = cfg.upsampling.ratio_policy("full")
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + 1)  # per-rank randomness from here

@@ -5,7 +5,7 @@ import torch
 
 from model.criterion import CriterionConfig, SegmentationCriterion, semantic_targets
 from model.decoder import Prediction
-from model.edges import edge_scores, token_targets
+from model.edges import edge_map, edge_scores, token_targets
 from model.upsampling import UpsampleRecord
 
 
@@ -79,6 +79,26 @@ def test_score_loss_is_the_mse_against_edge_fractions():
     want = ((scores - token_targets(edge_scores(labels)[32], centres, 32)) ** 2).mean()
     torch.testing.assert_close(crit.score_loss([rec], labels), want)
     assert want > 0
+
+
+def test_cell_score_loss_is_the_mse_against_each_cells_edge_fraction():
+    """score_cells = 2: each head output is one 16-px quarter of its 32-px token, checked
+    against edge pixels counted by hand, and the loss computes the maps it was not given
+    (with the run's edge radius)."""
+    labels = torch.zeros(1, 64, 64, dtype=torch.long)
+    labels[:, 20:50, 10:33] = 3
+    centres = torch.tensor([[[16.0, 16.0], [48.0, 48.0]]])
+    cells = torch.tensor([[[0.1, 0.0, 0.3, 0.05], [0.2, 0.0, 0.0, 0.4]]])
+    rec = UpsampleRecord(32, centres, cells.mean(-1), torch.zeros(1, 0, dtype=torch.long), cells=cells)
+    for radius in (0, 2):
+        edge = edge_map(labels[0], radius=radius).float()
+        want_cells = [[edge[y:y + 16, x:x + 16].mean() for y, x in ((0, 0), (0, 16), (16, 0), (16, 16))],
+                      [edge[y:y + 16, x:x + 16].mean() for y, x in ((32, 32), (32, 48), (48, 32), (48, 48))]]
+        want = ((cells - torch.tensor(want_cells)) ** 2).mean()
+        crit = SegmentationCriterion(5, CriterionConfig(edge_radius=radius))
+        torch.testing.assert_close(crit.score_loss([rec], labels, edge_scores(labels, radius=radius)), want)
+        torch.testing.assert_close(crit.score_loss([rec], labels), want)  # maps from the labels
+        assert torch.tensor(want_cells).count_nonzero() == 4  # two quarters of each token see the object
 
 
 def test_labels_out_of_range_are_a_clear_error():
