@@ -9,7 +9,7 @@ GFLOPs under full upsampling, the dynamic ratio (eq. 1 on the head's predictions
 oracle's (eq. 1 on the true edge fractions).
 
     .venv/bin/python benchmarks/score_heads.py --iters 600 [--tau-scales 0.5,0.25] [--losses] \\
-        [--oracle-radii 1,2,4] \\
+        [--oracle-radii 1,2,4] [--oracle-at 1,2,1+2] \\
         base= weight10=upsampling.score_weight=10 trained_full=upsampling.policy=full
 
 A variant is NAME=override[,override...] (an empty list: the defaults). Runs and data are
@@ -71,22 +71,31 @@ def three_runs(up) -> dict:
 
 
 def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = (),
-                     oracle_radii: tuple[int, ...] = ()) -> dict:
+                     oracle_radii: tuple[int, ...] = (), oracle_at: tuple[tuple[int, ...], ...] = ()) -> dict:
     """Full, dynamic and oracle runs; ``tau_scales``: also dynamic with tau_s times each;
     ``oracle_radii``: also the oracle on edge fractions widened by each radius (the model
-    as trained: which tokens would it need split to lose nothing?)."""
+    as trained: which tokens would it need split to lose nothing?); ``oracle_at``: also the
+    oracle at only these blocks (1, 2, 3), the heads at the others (whose choice loses?),
+    on each widened fraction if radii are given, else on the variant's own."""
     from pipeline.evaluate_cli import compare_policies
 
     up = cfg.upsampling  # the variant's thresholds
+    eq1 = up.ratio_policy("per_image")
+
+    def at(prefix: str) -> dict:
+        return {f"{prefix} @{'+'.join(map(str, blocks))}": (eq1, blocks) for blocks in oracle_at}
+
     runs = three_runs(up)
     for scale in tau_scales:
         scaled = dataclasses.replace(up, tau_scale=up.tau_scale * scale)
         runs[f"tau x{scale:g}"] = (scaled.ratio_policy("per_image"), False)
+    if not oracle_radii:
+        runs.update(at("oracle"))
     results = compare_policies(cfg, checkpoint, runs, torch.device("cpu"))
     for radius in oracle_radii:
         widened = dataclasses.replace(cfg, upsampling=dataclasses.replace(up, edge_radius=radius))
-        results[f"oracle r{radius}"] = compare_policies(
-            widened, checkpoint, {"oracle": (up.ratio_policy("per_image"), True)}, torch.device("cpu"))["oracle"]
+        results.update(compare_policies(widened, checkpoint, {f"oracle r{radius}": (eq1, True), **at(f"oracle r{radius}")},
+                                        torch.device("cpu")))
     return results
 
 
@@ -209,6 +218,8 @@ def main() -> None:
                     "tau_s times each (how mIoU trades against GFLOPs)")
     ap.add_argument("--oracle-radii", default="", help="comma-separated radii: also run the oracle "
                     "on edge fractions widened by each (upsampling.edge_radius at evaluation only)")
+    ap.add_argument("--oracle-at", default="", help="comma-separated block sets (1, 2, 3, 1+2, ...): also "
+                    "run the oracle at only these blocks, the heads at the others (on each --oracle-radii)")
     ap.add_argument("--probe", type=int, default=0,
                     help="also retrain each variant's score heads alone on its frozen features for N steps")
     ap.add_argument("--losses", action="store_true", help="also print where sparse evaluation loses "
@@ -224,7 +235,8 @@ def main() -> None:
                                         args.iters, args.seed)
         scales = tuple(float(x) for x in args.tau_scales.split(",") if x)
         radii = tuple(int(x) for x in args.oracle_radii.split(",") if x)
-        rows.append((name, evaluate_variant(cfg, checkpoint, scales, radii)))
+        at = tuple(tuple(int(b) for b in x.split("+")) for x in args.oracle_at.split(",") if x)
+        rows.append((name, evaluate_variant(cfg, checkpoint, scales, radii, at)))
         print(f"  {name}: {rows[-1][1]['full'].selection_line()}", flush=True)
         if args.losses:
             print_losses(name, where_lost(cfg, checkpoint))
@@ -248,14 +260,14 @@ def main() -> None:
               f"{dyn.gflops_mean / full.gflops_mean:>11.3f}{orc.gflops_mean / full.gflops_mean:>9.3f}  "
               f"{row(dyn.split_ratio, '.2f'):<20}{row(dyn.edge_recall, '.2f')}")
 
-    sweeps = [(name, k, r) for name, res in rows for k, r in res.items() if k.startswith(("tau x", "oracle r"))]
+    sweeps = [(name, k, r) for name, res in rows for k, r in res.items() if k.startswith(("tau x", "oracle r", "oracle @"))]
     if sweeps:
         print("\neq. 1 on the heads' predictions with scaled thresholds (tau x), and on true edge "
-              "fractions widened by r pixels (oracle r)")
-        print(f"{'variant':<18}{'run':<9}{'mIoU':>6}{'x full':>8}  {'split':<20}edge recall")
+              "fractions widened by r pixels (oracle r), at only the blocks after @ (the heads at the others)")
+        print(f"{'variant':<18}{'run':<16}{'mIoU':>6}{'x full':>8}  {'split':<20}edge recall")
         for name, key, res in sweeps:
             full = dict(rows)[name]["full"]
-            print(f"{name:<18}{key:<9}{res.mIoU:>6.1f}{res.gflops_mean / full.gflops_mean:>8.3f}  "
+            print(f"{name:<18}{key:<16}{res.mIoU:>6.1f}{res.gflops_mean / full.gflops_mean:>8.3f}  "
                   f"{row(res.split_ratio, '.2f'):<20}{row(res.edge_recall, '.2f')}")
 
 

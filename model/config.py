@@ -37,6 +37,11 @@ class EncoderConfig:
     # eq. 1 and tau are unchanged, the loss says where in the token the edges are (1: the
     # paper's one fraction per token).
     score_cells: int = 1
+    # The heads predict the square root of the edge fraction (their score is its square) and
+    # the score loss compares square roots, so it weighs errors among the small fractions
+    # where tau_s lies (0 against 0.03 costs 0.03, not 0.0009); the decision u > tau_s is
+    # unchanged. Off: the paper's MSE on the fractions themselves.
+    score_root: bool = False
     # Sinusoidal centre embeddings (not in the paper) on the stem's and the children's tokens:
     # off, as measured (BENCHMARKS.md section 1b: no gain; attention has its position bias)
     centre_embedding: bool = False

@@ -94,12 +94,16 @@ def _block_score_loss(r: UpsampleRecord, maps: dict[int, Tensor]) -> Tensor:
     if not r.scores.numel():  # nothing to score: an exact zero that is still part of the graph
         return r.scores.sum() * 0.0
     if r.cells is None:
-        return _mse(r.scores.float(), token_targets(maps[r.patch], r.centres, r.patch), r.valid)
-    b, n, c = r.cells.shape
-    side = _target_side(r)
-    target = token_targets(maps[side], cell_centres(r.centres, r.patch, math.isqrt(c)), side)
-    valid = None if r.valid is None else r.valid[..., None].expand(b, n, c)
-    return _mse(r.cells.float(), target.view(b, n, c), valid)
+        pred, target, valid = r.scores.float(), token_targets(maps[r.patch], r.centres, r.patch), r.valid
+    else:
+        b, n, c = r.cells.shape
+        side = _target_side(r)
+        pred = r.cells.float()
+        target = token_targets(maps[side], cell_centres(r.centres, r.patch, math.isqrt(c)), side).view(b, n, c)
+        valid = None if r.valid is None else r.valid[..., None].expand(b, n, c)
+    if r.root:  # predictions are squares (>= 0); the clamp only guards the gradient at exactly 0
+        pred, target = pred.clamp(min=1e-12).sqrt(), target.sqrt()
+    return _mse(pred, target, valid)
 
 
 class SegmentationCriterion(nn.Module):

@@ -93,7 +93,8 @@ class DUPSEncoder(nn.Module):
         self.left = nn.ModuleList(stage("left", i) for i in range(4))
         self.upsample = nn.ModuleList(
             UpsamplingBlock(d[i], STAGE_PATCH_SIZES[i], cfg.image_data, cfg.score_norm,
-                            cfg.score_sigmoid, cfg.child_norm, cfg.centre_embedding, cfg.score_cells)
+                            cfg.score_sigmoid, cfg.child_norm, cfg.centre_embedding, cfg.score_cells,
+                            cfg.score_root)
             for i in range(3))
         self.widen_up = nn.ModuleList(projection(d[i], d[i + 1]) for i in range(3))
         if cfg.unet:
@@ -124,7 +125,8 @@ class DUPSEncoder(nn.Module):
                 oracle_maps: dict[int, Tensor] | None = None) -> EncoderOutput:
         """``oracle_maps``: {patch side: (B, H/p, W/p) ground-truth edge fractions}
         (``model.edges.edge_scores`` of the labels) that choose the tokens instead of the
-        predictions (Table 7)."""
+        predictions (Table 7) at the blocks whose parent side is a key (the others use
+        their heads)."""
         self.check_images(images)
         policy = policy or self.ratio_policy
         b, _, h, w = images.shape
@@ -141,7 +143,7 @@ class DUPSEncoder(nn.Module):
         mask_keys = keys_need_mask(h, w, self.cfg.nbhd_size)
         for i in range(4):
             if i > 0:
-                oracle = oracle_maps[STAGE_PATCH_SIZES[i - 1]] if oracle_maps else None
+                oracle = oracle_maps.get(STAGE_PATCH_SIZES[i - 1]) if oracle_maps else None
                 tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle)
                 records.append(rec)
                 tokens = tokens.with_features(self.widen_up[i - 1](tokens.features))

@@ -55,6 +55,7 @@ class UpsampleRecord:
     valid: Tensor | None = None  # (B, N_s) real candidates of a packed batch (a prefix of each row)
     chosen: Tensor | None = None  # (B, K) real entries of ``selected`` in a packed batch
     cells: Tensor | None = None  # (B, N_s, m^2) predicted fractions of each token's cells, raster order
+    root: bool = False  # the score loss compares square roots of the fractions (``score_root``)
 
     def of_image(self, sample: int) -> tuple[Tensor, Tensor | None, Tensor]:
         """One image's real candidates: centres (n, 2), scores (n,) or None, and the indices
@@ -74,13 +75,14 @@ class UpsamplingBlock(nn.Module):
 
     def __init__(self, dim: int, parent_patch: int, image_data: bool = True,
                  score_norm: bool = True, score_sigmoid: bool = False, child_norm: bool = True,
-                 centre_embedding: bool = False, score_cells: int = 1):
+                 centre_embedding: bool = False, score_cells: int = 1, score_root: bool = False):
         """The switches default as ``EncoderConfig``'s do."""
         super().__init__()
         self.parent_patch = parent_patch
         self.child_patch = parent_patch // 2
         self.score_in = nn.LayerNorm(dim) if score_norm else nn.Identity()
         self.score_cells = score_cells
+        self.score_root = score_root
         self.score = mlp(dim, dim, score_cells ** 2, layers=3)
         self.score_sigmoid = score_sigmoid
         self.scale_embed = LearnedTensor(dim)
@@ -112,6 +114,7 @@ class UpsamplingBlock(nn.Module):
         if not policy.random_selection:
             cells = self.score(self.score_in(cand))
             cells = cells.sigmoid() if self.score_sigmoid else cells
+            cells = cells.square() if self.score_root else cells
             scores = cells.mean(-1)  # a token's edge fraction is the mean of its cells'
             cells = cells if self.score_cells > 1 else None
         choose_by = scores
@@ -127,7 +130,8 @@ class UpsamplingBlock(nn.Module):
         else:
             k = policy.num_selected(block, choose_by.detach(), self.training)
             selected = choose_by.detach().topk(k, dim=1).indices.sort(dim=1).values
-        record = UpsampleRecord(self.parent_patch, cand_centres, scores, selected, cand_valid, chosen, cells)
+        record = UpsampleRecord(self.parent_patch, cand_centres, scores, selected, cand_valid, chosen, cells,
+                                self.score_root)
         # K = 0 runs the same code on empty tensors: every parameter still gets a (zero)
         # gradient, so data-parallel ranks with different K reduce the same buckets.
         parents = cand.gather(1, selected[..., None].expand(-1, -1, d))  # (B, K, d)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.edges import token_targets
+from model.edges import SCORE_SCALES, token_targets
 from model.ratios import RatioPolicy
 from model.segmentor import DUPSSegmentor, semantic_probabilities
 
@@ -185,10 +185,11 @@ def multi_scale(model, image, policy, size, scales, flip: bool):
 @torch.no_grad()
 def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, cfg: EvalConfig,
              crop: int, device: torch.device, dtype=torch.float32, pictures: int = 0,
-             oracle: bool = False, progress: bool = True) -> EvalResult:
+             oracle: bool | tuple[int, ...] = False, progress: bool = True) -> EvalResult:
     """``samples``: an iterable of ``augment.eval_segmentation`` dicts (this rank's share).
     ``oracle``: the samples' ground-truth edge fractions choose the tokens (Table 7's oracle;
-    single scale only). ``progress``: a bar on rank 0."""
+    single scale only), at every block or at the blocks (1, 2, 3) listed, the heads at the
+    others. ``progress``: a bar on rank 0."""
     from .pictures import token_figure
 
     if oracle and (cfg.sliding_window or cfg.multi_scale or cfg.flip):
@@ -213,7 +214,7 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
                 probs, out = multi_scale(model, image, policy, (h, w),
                                          cfg.scales if cfg.multi_scale else (min(h, w),), cfg.flip)
             else:
-                maps = {k: m[None].to(device) for k, m in sample["scores"].items()} if oracle else None
+                maps = _oracle_maps(sample["scores"], oracle, device)
                 probs, out = _probs(model, image, policy, (h, w), maps)
         flops.append(counter.get_total_flops() / 2 / 1e9)
         tokens.append(out.tokens_per_stage)
@@ -256,6 +257,14 @@ def evaluate(model: DUPSSegmentor, samples, classes: int, policy: RatioPolicy, c
         tokens_per_stage=np.mean(tokens, axis=0).tolist() if tokens else [],
         score_mse=float(np.mean(mse)) if mse else float("nan"), pictures=figs,
         **_selection_summary(selection), **_head_quality(scored, policy.tau))
+
+
+def _oracle_maps(maps: dict, oracle: bool | tuple[int, ...], device) -> dict | None:
+    """A sample's edge fractions for the blocks the oracle chooses at (``evaluate``'s ``oracle``)."""
+    if not oracle:
+        return None
+    sides = SCORE_SCALES if oracle is True else tuple(SCORE_SCALES[b - 1] for b in oracle)
+    return {k: maps[k][None].to(device) for k in sides}
 
 
 def _selection_counts(selected: torch.Tensor, edge: torch.Tensor) -> tuple[int, int, int, int]:

@@ -109,12 +109,14 @@ def test_stage1_compares_global_with_window_attention():
 def test_score_heads_trains_and_compares_variants(tmp_path):
     out = run_script("benchmarks/score_heads.py", "--iters", "2", "--train", "4", "--heldout", "2",
                      "--out", str(tmp_path), "--probe", "2", "--tau-scales", "0.5", "--oracle-radii", "2",
-                     "--losses", "a=",
+                     "--oracle-at", "1+2", "--losses", "a=",
                      "b=upsampling.score_weight=1")
     rows = [line.split() for line in out.splitlines() if line.startswith(("a ", "b "))]
-    # name, "tau x0.5" or "oracle r2", mIoU, x full, split, edge recall
+    # name, "tau x0.5", "oracle r2" or "oracle r2 @1+2", mIoU, x full, split, edge recall
     sweep = [r for r in rows if r[1] in ("tau", "oracle")]
-    assert [(r[0], r[2]) for r in sweep] == [("a", "x0.5"), ("a", "r2"), ("b", "x0.5"), ("b", "r2")]
+    keys = [(r[0], " ".join(r[2:4] if r[3].startswith("@") else r[2:3])) for r in sweep]
+    assert keys == [("a", "x0.5"), ("a", "r2"), ("a", "r2 @1+2"), ("b", "x0.5"), ("b", "r2"), ("b", "r2 @1+2")]
+    sweep = [r[:3] + r[4:] if r[3].startswith("@") else r for r in sweep]
     assert all(0 <= float(r[3]) <= 100 and 0 < float(r[4]) <= 1.05 for r in sweep), sweep
     rows = [r for r in rows if r[1] not in ("tau", "oracle")]
     assert [r[0] for r in rows] == ["a", "a", "b", "b"] and [r[1] for r in rows[1::2]] == ["probed"] * 2

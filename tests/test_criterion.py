@@ -101,6 +101,25 @@ def test_cell_score_loss_is_the_mse_against_each_cells_edge_fraction():
         assert torch.tensor(want_cells).count_nonzero() == 4  # two quarters of each token see the object
 
 
+def test_root_score_loss_compares_square_roots():
+    """score_root: the same fractions, compared as square roots, so a flat token predicted at
+    0.04 costs 0.04 (the paper's MSE: 0.0016)."""
+    labels = torch.zeros(1, 64, 64, dtype=torch.long)
+    labels[:, 20:28, 10:20] = 3  # inside the first token only
+    centres = torch.tensor([[[16.0, 16.0], [48.0, 16.0], [16.0, 48.0], [48.0, 48.0]]])
+    scores = torch.tensor([[0.1, 0.04, 0.3, 0.0]])
+    truth = token_targets(edge_scores(labels)[32], centres, 32)
+    assert truth[0, 1] == 0  # the flat token
+    crit = SegmentationCriterion(5)
+    plain = UpsampleRecord(32, centres, scores, torch.zeros(1, 0, dtype=torch.long))
+    root = UpsampleRecord(32, centres, scores, torch.zeros(1, 0, dtype=torch.long), root=True)
+    torch.testing.assert_close(crit.score_loss([root], labels), ((scores.sqrt() - truth.sqrt()) ** 2).mean())
+    torch.testing.assert_close(crit.score_loss([plain], labels), ((scores - truth) ** 2).mean())
+    flat = [UpsampleRecord(32, centres[:, 1:2], scores[:, 1:2], torch.zeros(1, 0, dtype=torch.long), root=r)
+            for r in (False, True)]
+    assert [round(float(crit.score_loss([f], labels)), 6) for f in flat] == [0.0016, 0.04]
+
+
 def test_labels_out_of_range_are_a_clear_error():
     labels = torch.zeros(1, 8, 8, dtype=torch.long)
     labels[0, 3, 3] = 200

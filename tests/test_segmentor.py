@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from model import RatioPolicy
 from model.classifier import build_classifier, load_backbone
@@ -158,6 +159,12 @@ def test_oracle_scores_choose_the_tokens():
         # the chosen tokens are the k with the largest ground-truth scores
         assert torch.equal(chosen.sort(1).values, truth.topk(k, 1).values.sort(1).values)
         assert rec.scores is not None  # the predictions are still made (and get their loss)
+    # the oracle at block 2 only: its tokens by the truth, blocks 1 and 3 by their heads
+    out = model(images, RatioPolicy.from_preset("batch", "ade20k"), oracle_maps={16: maps[16]})
+    for rec in out.records:
+        by = token_targets(maps[16], rec.centres, 16) if rec.patch == 16 else rec.scores.detach()
+        k = rec.selected.shape[1]
+        assert torch.equal(by.gather(1, rec.selected).sort(1).values, by.topk(k, 1).values.sort(1).values)
 
 
 def test_centre_embeddings_switch_off_everywhere():
@@ -216,3 +223,20 @@ def test_fuse_coarse_changes_only_the_cells_of_unsplit_tokens():
     assert 0 < coarse.sum() < coarse.numel()
     changed = (feats["on"] - feats["off"]).abs().amax(1)[0].flatten() > 0
     assert torch.equal(changed, coarse)
+
+
+def test_cell_and_root_heads_score_a_token_with_the_mean_of_its_cells_squares():
+    """score_cells = 2 and score_root: a head whose last layer outputs a constant
+    (-0.1, 0.2, -0.3, 0.4) per cell scores every token (0.01 + 0.04 + 0.09 + 0.16) / 4."""
+    images, _ = scenes(1, size=128)
+    model = build_segmentor("dups_demo", num_classes=5, encoder={"score_cells": 2, "score_root": True}).eval()
+    for block in model.encoder.upsample:
+        nn.init.zeros_(block.score[-1].weight)
+        with torch.no_grad():
+            block.score[-1].bias.copy_(torch.tensor([-0.1, 0.2, -0.3, 0.4]))
+    with torch.no_grad():
+        out = model(images, RatioPolicy("full"))
+    for rec in out.records:
+        assert rec.root and rec.cells.shape == (*rec.scores.shape, 4)
+        torch.testing.assert_close(rec.cells, torch.tensor([0.01, 0.04, 0.09, 0.16]).expand_as(rec.cells))
+        torch.testing.assert_close(rec.scores, torch.full_like(rec.scores, 0.075))
