@@ -126,6 +126,11 @@ class DecoderConfig:
     # feature goes to the mask projection as it is (before 2026-11-30). On: +1.7 mIoU dynamic,
     # +1.9 full, averaged over three paired seeds (BENCHMARKS 1b)
     fuse_coarse: bool = True
+    # Image data at stride 4 (not in the paper): the pixels of every 4 x 4 cell through
+    # Linear(48, mask_dim) + LayerNorm, added to the mask features, so a pixel painted by a
+    # coarse token (a small object's inside that no head split) still carries its own
+    # appearance, as split children carry their patch's (~0.5% of DUPS-Tiny's GFLOPs).
+    pixel_data: bool = False
 
 
 DECODERS: dict[str, DecoderConfig] = {

@@ -73,7 +73,7 @@ class DUPSSegmentor(nn.Module):
         self.pixel_decoder = PointPixelDecoder(
             tuple(reversed(encoder.cfg.dims)), d.dim, d.pixel_layers, d.pixel_heads,
             d.pixel_mlp_ratio, d.mask_dim, encoder.cfg.cluster_size, encoder.cfg.nbhd_size,
-            d.centre_embedding, d.fuse_coarse)
+            d.centre_embedding, d.fuse_coarse, d.pixel_data)
         self.decoder = MaskedTransformerDecoder(num_classes, d.dim, d.queries, d.layers,
                                                 d.heads, d.ffn, d.mask_dim)
 
@@ -81,7 +81,7 @@ class DUPSSegmentor(nn.Module):
                 oracle_maps: dict[int, Tensor] | None = None) -> SegmentationOutput:
         enc = self.encoder(images, policy, oracle_maps)
         h, w = images.shape[-2:]
-        pix = self.pixel_decoder(enc.levels, h, w)
+        pix = self.pixel_decoder(enc.levels, h, w, images)
         preds = self.decoder(pix.maps, pix.mask_features)
         return SegmentationOutput(preds, enc.records, enc.tokens_per_stage)
 

@@ -240,3 +240,19 @@ def test_cell_and_root_heads_score_a_token_with_the_mean_of_its_cells_squares():
         assert rec.root and rec.cells.shape == (*rec.scores.shape, 4)
         torch.testing.assert_close(rec.cells, torch.tensor([0.01, 0.04, 0.09, 0.16]).expand_as(rec.cells))
         torch.testing.assert_close(rec.scores, torch.full_like(rec.scores, 0.075))
+
+
+def test_pixel_data_adds_each_stride4_cells_own_pixels_to_the_mask_features():
+    torch.manual_seed(0)
+    images, _ = scenes(1, size=128)
+    model = build_segmentor("dups_demo", num_classes=5, decoder={"pixel_data": True}).eval()
+    pix = model.pixel_decoder
+    with torch.no_grad():
+        enc = model.encoder(images, RatioPolicy("per_image"))
+        with_pixels = pix(enc.levels, 128, 128, images).mask_features
+        embed, pix.pixel_data = pix.pixel_data, None
+        without = pix(enc.levels, 128, 128).mask_features
+        for y, x in ((0, 0), (5, 17), (31, 31)):
+            cell = images[0, :, 4 * y:4 * y + 4, 4 * x:4 * x + 4].reshape(-1)  # channels, rows, columns
+            torch.testing.assert_close(with_pixels[0, :, y, x] - without[0, :, y, x], embed(cell), atol=1e-5, rtol=1e-5)
+    assert with_pixels.shape == (1, 64, 32, 32)

@@ -8,7 +8,7 @@ lateral projection plus the refined feature of the token it was split from; an u
 coarse token takes the same step as its own parent (``fuse_coarse``), so the mask features of
 every stride-4 cell come out of one layer whatever the size of the token that paints it. Then
 every level is densified: maps at strides 32/16/8 for the transformer decoder, mask features
-at stride 4.
+at stride 4 (with ``pixel_data``, plus an embedding of each stride-4 cell's own pixels).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ..attention import cluster_neighbourhood, keys_need_mask
 from ..encoder import Block, Level, Stage
 from ..layers import LearnedTensor
 from ..tokens import all_valid, raster_cells
-from ..upsampling import CentreEmbedding
+from ..upsampling import CentreEmbedding, image_patches
 from .densify import Densify, cover_pyramid
 
 
@@ -39,7 +39,7 @@ class PointPixelDecoder(nn.Module):
     def __init__(self, in_dims: tuple[int, int, int, int], dim: int = 256, layers: int = 6,
                  heads: int = 8, mlp_ratio: float = 4.0, mask_dim: int = 256,
                  cluster_size: int = 8, nbhd_size: int = 48, centre_embedding: bool = False,
-                 fuse_coarse: bool = True):
+                 fuse_coarse: bool = True, pixel_data: bool = False):
         """``in_dims``: encoder widths of the levels with patch 4, 8, 16, 32; the defaults are
         ``DecoderConfig``'s."""
         super().__init__()
@@ -54,8 +54,11 @@ class PointPixelDecoder(nn.Module):
         self.mask_proj = nn.Linear(dim, mask_dim)
         self.densify_maps = nn.ModuleList(Densify(dim) for _ in range(3))
         self.densify_mask = Densify(mask_dim)
+        self.pixel_data = nn.Sequential(nn.Linear(3 * 16, mask_dim), nn.LayerNorm(mask_dim)) if pixel_data else None
 
-    def forward(self, levels: list[Level], height: int, width: int) -> PixelDecoderOutput:
+    def forward(self, levels: list[Level], height: int, width: int,
+                images: Tensor | None = None) -> PixelDecoderOutput:
+        """``images`` (B, 3, H, W): needed with ``pixel_data``."""
         fine, coarse = levels[0], levels[1:][::-1]  # coarse: patch 32, 16, 8
         embeds = self.level_embed().unbind(0)  # rows for patch 8, 16, 32
         x = torch.cat([proj(lv.features) + emb for proj, lv, emb in
@@ -92,4 +95,7 @@ class PointPixelDecoder(nn.Module):
         mask_tokens = [self.mask_proj(f) for f in coarse_feats + [fine_feat]]
         mask_features = self.densify_mask(mask_tokens, coarse_centres + [fine.centres],
                                           coarse_patches + [fine.patch], covers[-1], height, width)
+        if self.pixel_data is not None:
+            cells = self.pixel_data(image_patches(images, 4).to(mask_features.dtype))  # (B, H/4 * W/4, C)
+            mask_features = mask_features + cells.transpose(1, 2).reshape(mask_features.shape)
         return PixelDecoderOutput(maps=maps, mask_features=mask_features)
