@@ -216,7 +216,7 @@ def test_fuse_coarse_changes_only_the_cells_of_unsplit_tokens():
     feats = {}
     for name, model in (("on", on), ("off", off)):
         enc = model.encoder(x, sparse)
-        feats[name] = model.pixel_decoder(enc.levels, 96, 128).mask_features
+        feats[name] = model.pixel_decoder(enc.levels, 96, 128, x).mask_features
     levels = enc.levels[::-1]
     cover = cover_pyramid([lv.centres for lv in levels], [lv.patch for lv in levels], 96, 128)[-1][0]
     coarse = cover < sum(lv.centres.shape[1] for lv in levels[:3])  # cells painted by patch 32/16/8
@@ -245,7 +245,7 @@ def test_cell_and_root_heads_score_a_token_with_the_mean_of_its_cells_squares():
 def test_pixel_data_adds_each_stride4_cells_own_pixels_to_the_mask_features():
     torch.manual_seed(0)
     images, _ = scenes(1, size=128)
-    model = build_segmentor("dups_demo", num_classes=5, decoder={"pixel_data": True}).eval()
+    model = build_segmentor("dups_demo", num_classes=5).eval()  # pixel_data: the default
     pix = model.pixel_decoder
     with torch.no_grad():
         enc = model.encoder(images, RatioPolicy("per_image"))
