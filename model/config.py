@@ -130,9 +130,9 @@ class DecoderConfig:
     # decoder "for fine-grained correction" and gives split children their patch's pixels, but
     # not this): every 4 x 4 cell's pixels through Linear(48, mask_dim) + LayerNorm, added to
     # its mask feature, so a pixel painted by a coarse token (the inside of a small object no
-    # head split) keeps its own appearance. ~0.5% of DUPS-Tiny's GFLOPs. On: +3.5 mIoU full,
-    # +5.6 dynamic on the demo's scenes, and the oracle's choice then loses nothing against
-    # full upsampling (BENCHMARKS 1b); False: the paper's literal reading.
+    # head split) keeps its own appearance. +0.3% of DUPS-Tiny's GFLOPs. On: +3.0 mIoU full,
+    # +5.5 dynamic on the demo's scenes (three seeds), and the oracle's choice then loses
+    # nothing against full upsampling (BENCHMARKS 1b); False: the paper's literal reading.
     pixel_data: bool = True
 
 
