@@ -42,6 +42,12 @@ class EncoderConfig:
     # where tau_s lies (0 against 0.03 costs 0.03, not 0.0009); the decision u > tau_s is
     # unchanged. Off: the paper's MSE on the fractions themselves.
     score_root: bool = False
+    # Each head also sees how its patch's pixels vary: every 4 x 4-pixel cell -> Linear(48, w)
+    # + GELU (w = the finest stage's width), the per-channel standard deviation over the
+    # patch's cells -> LayerNorm + Linear(w, d), added to the head's input. A linear 32 x 32
+    # stem and one attention block hardly tell a patch that holds two regions from a
+    # textured one; this says it directly (not in the paper; off: the paper's heads).
+    score_pixels: bool = False
     # Sinusoidal centre embeddings (not in the paper) on the stem's and the children's tokens:
     # off, as measured (BENCHMARKS.md section 1b: no gain; attention has its position bias)
     centre_embedding: bool = False

@@ -19,7 +19,7 @@ from .config import EncoderConfig, encoder_config
 from .ratios import RatioPolicy
 from .tokens import STAGE_PATCH_SIZES, TokenSet, grid_centres
 from .layers import DropPath, mlp
-from .upsampling import CentreEmbedding, UpsampleRecord, UpsamplingBlock
+from .upsampling import CentreEmbedding, PixelSpread, UpsampleRecord, UpsamplingBlock
 
 
 class Block(nn.Module):
@@ -94,8 +94,9 @@ class DUPSEncoder(nn.Module):
         self.upsample = nn.ModuleList(
             UpsamplingBlock(d[i], STAGE_PATCH_SIZES[i], cfg.image_data, cfg.score_norm,
                             cfg.score_sigmoid, cfg.child_norm, cfg.centre_embedding, cfg.score_cells,
-                            cfg.score_root)
+                            cfg.score_root, d[3] if cfg.score_pixels else 0)
             for i in range(3))
+        self.pixel_spread = PixelSpread(d[3]) if cfg.score_pixels else None
         self.widen_up = nn.ModuleList(projection(d[i], d[i + 1]) for i in range(3))
         if cfg.unet:
             self.right = nn.ModuleList(stage("right", i) for i in range(3))
@@ -141,10 +142,14 @@ class DUPSEncoder(nn.Module):
         left_out: list[Tensor] = []
         records: list[UpsampleRecord] = []
         mask_keys = keys_need_mask(h, w, self.cfg.nbhd_size)
+        cells = None
+        if self.pixel_spread is not None and not policy.random_selection:
+            cells = self.pixel_spread(images)
         for i in range(4):
             if i > 0:
                 oracle = oracle_maps.get(STAGE_PATCH_SIZES[i - 1]) if oracle_maps else None
-                tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle)
+                spread = None if cells is None else self.pixel_spread.spread(cells, STAGE_PATCH_SIZES[i - 1])
+                tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle, spread)
                 records.append(rec)
                 tokens = tokens.with_features(self.widen_up[i - 1](tokens.features))
             if i == 0 and self.cfg.stage1_attention == "global":

@@ -37,6 +37,34 @@ class CentreEmbedding(nn.Module):
         return self.proj(feats.to(self.proj.weight.dtype))
 
 
+class PixelSpread(nn.Module):
+    """How much a patch's pixels vary, learned: each 4 x 4-pixel cell through
+    Linear(48, w) + GELU, then per patch side p the per-channel standard deviation of those
+    embeddings over the patch's (p / 4)^2 cells (``model.encoder.score_pixels``)."""
+
+    CELL = 4
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.embed = nn.Linear(3 * self.CELL ** 2, width)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, w, H/4, W/4) cell embeddings (a module call, so ZeRO-3 gathers
+        the weights)."""
+        b, _, h, w = images.shape
+        x = nn.functional.gelu(self.embed(image_patches(images, self.CELL).to(self.embed.weight.dtype)))
+        return x.transpose(1, 2).reshape(b, -1, h // self.CELL, w // self.CELL)
+
+    @classmethod
+    def spread(cls, cells: Tensor, patch: int) -> Tensor:
+        """(B, w, H/4, W/4) -> (B, H/p * W/p, w): the standard deviation over each patch's cells."""
+        k = patch // cls.CELL
+        x = cells.float()
+        mean = nn.functional.avg_pool2d(x, k)
+        var = (nn.functional.avg_pool2d(x.square(), k) - mean.square()).clamp(min=0)
+        return (var + 1e-6).sqrt().flatten(2).transpose(1, 2).to(cells.dtype)
+
+
 def image_patches(images: Tensor, patch: int) -> Tensor:
     """(B, 3, H, W) -> (B, H/p * W/p, 3 p^2): the pixels of each patch, raster order."""
     b, c, h, w = images.shape
@@ -75,7 +103,8 @@ class UpsamplingBlock(nn.Module):
 
     def __init__(self, dim: int, parent_patch: int, image_data: bool = True,
                  score_norm: bool = True, score_sigmoid: bool = False, child_norm: bool = True,
-                 centre_embedding: bool = False, score_cells: int = 1, score_root: bool = False):
+                 centre_embedding: bool = False, score_cells: int = 1, score_root: bool = False,
+                 spread_width: int = 0):
         """The switches default as ``EncoderConfig``'s do."""
         super().__init__()
         self.parent_patch = parent_patch
@@ -84,6 +113,9 @@ class UpsamplingBlock(nn.Module):
         self.score_cells = score_cells
         self.score_root = score_root
         self.score = mlp(dim, dim, score_cells ** 2, layers=3)
+        # ``spread_width`` > 0: the head also sees its patch's pixel spread (``PixelSpread``)
+        self.spread_in = nn.Sequential(nn.LayerNorm(spread_width), nn.Linear(spread_width, dim)) \
+            if spread_width else None
         self.score_sigmoid = score_sigmoid
         self.scale_embed = LearnedTensor(dim)
         self.subpatch_embed = LearnedTensor(4, dim)
@@ -101,10 +133,12 @@ class UpsamplingBlock(nn.Module):
             nn.init.constant_(self.score[-1].bias, math.log(prior / (1 - prior)))
 
     def forward(self, tokens: TokenSet, images: Tensor, policy: RatioPolicy, block: int,
-                oracle_map: Tensor | None = None) -> tuple[TokenSet, UpsampleRecord]:
+                oracle_map: Tensor | None = None,
+                spread: Tensor | None = None) -> tuple[TokenSet, UpsampleRecord]:
         """``oracle_map``: ground-truth edge fractions (B, H/p, W/p) at this block's parent
         patch side p; when given they choose the tokens instead of the predictions (Table 7)
-        and the predictions still get their loss."""
+        and the predictions still get their loss. ``spread``: (B, H/p * W/p, w) pixel spread of
+        every patch (``PixelSpread.spread``), for a head built with ``spread_width``."""
         rows = tokens.stage_rows(tokens.num_stages - 1)
         cand = tokens.features[:, rows]
         cand_centres = tokens.centres[:, rows]
@@ -112,7 +146,12 @@ class UpsamplingBlock(nn.Module):
         b, n, d = cand.shape
         scores = cells = None
         if not policy.random_selection:
-            cells = self.score(self.score_in(cand))
+            head_in = self.score_in(cand)
+            if self.spread_in is not None:
+                index = raster_cells(cand_centres, self.parent_patch, images.shape[-1] // self.parent_patch,
+                                     images.shape[-2] // self.parent_patch)
+                head_in = head_in + self.spread_in(spread.gather(1, index[..., None].expand(-1, -1, spread.shape[-1])))
+            cells = self.score(head_in)
             cells = cells.sigmoid() if self.score_sigmoid else cells
             cells = cells.square() if self.score_root else cells
             scores = cells.mean(-1)  # a token's edge fraction is the mean of its cells'

@@ -256,3 +256,31 @@ def test_pixel_data_adds_each_stride4_cells_own_pixels_to_the_mask_features():
             cell = images[0, :, 4 * y:4 * y + 4, 4 * x:4 * x + 4].reshape(-1)  # channels, rows, columns
             torch.testing.assert_close(with_pixels[0, :, y, x] - without[0, :, y, x], embed(cell), atol=1e-5, rtol=1e-5)
     assert with_pixels.shape == (1, 64, 32, 32)
+
+
+def test_pixel_spread_heads_add_each_patchs_cell_spread_to_their_input():
+    """score_pixels: every head scores score(score_in(token) + spread_in(s)), s the per-channel
+    standard deviation of the cell embeddings over the token's own patch (brute force here)."""
+    torch.manual_seed(0)
+    images, _ = scenes(1, size=128)
+    images = torch.cat([images, images.flip(-1)])[:, :, :, :96]  # two images, 128 x 96
+    model = build_segmentor("dups_demo", num_classes=5, encoder={"score_pixels": True})
+    inputs = []
+    hooks = [b.score_in.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+             for b in model.encoder.upsample]
+    out = model.encoder(images, RatioPolicy("full"))
+    for h in hooks:
+        h.remove()
+    cells = model.encoder.pixel_spread(images).detach()
+    for block, rec, cand in zip(model.encoder.upsample, out.records, inputs):
+        p, k = rec.patch, rec.patch // 4
+        for i, j in ((0, 0), (1, rec.scores.shape[1] - 1), (0, rec.scores.shape[1] // 2)):
+            x, y = (int(v) // p for v in rec.centres[i, j])
+            patch = cells[i, :, y * k:(y + 1) * k, x * k:(x + 1) * k].flatten(1)
+            spread = (patch.var(1, unbiased=False) + 1e-6).sqrt()
+            with torch.no_grad():
+                expected = block.score(block.score_in(cand[i, j]) + block.spread_in(spread))
+            torch.testing.assert_close(rec.scores[i, j].detach(), expected[0], atol=1e-5, rtol=1e-5)
+    sum(r.scores.sum() for r in out.records).backward()
+    assert model.encoder.pixel_spread.embed.weight.grad.abs().sum() > 0
+    assert build_segmentor("dups_demo", num_classes=5).encoder.pixel_spread is None  # off: the paper's heads
