@@ -48,7 +48,7 @@ def main() -> None:
         params = sum(p.numel() for p in m.parameters()) / 1e6
         gmacs, _ = count_gmacs(m, image, policy)
         ms = statistics.median(times[kind])
-        print(f"stage 1 {kind:<7} params {params:.2f} M  GFLOPs {gmacs:.2f}  latency {ms:.0f} ms "
+        print(f"stage 1 {kind:<7} params {params:.2f} M  GFLOPs {gmacs:.3f}  latency {ms:.0f} ms "
               f"({ms / base:.2f}x global)")
 
 

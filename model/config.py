@@ -45,9 +45,12 @@ class EncoderConfig:
     # Each head also sees how its patch's pixels vary: every 4 x 4-pixel cell -> Linear(48, w)
     # + GELU (w = the finest stage's width), the per-channel standard deviation over the
     # patch's cells -> LayerNorm + Linear(w, d), added to the head's input. A linear 32 x 32
-    # stem and one attention block hardly tell a patch that holds two regions from a
-    # textured one; this says it directly (not in the paper; off: the paper's heads).
-    score_pixels: bool = False
+    # stem and one attention block hardly tell a patch that holds two regions from a textured
+    # one. Not in the paper (False: the paper's heads). On the demo's scenes, three seeds each
+    # (BENCHMARKS.md 1b): block 1's AUC 0.92 -> 0.97; dynamic ratio after 300 / 600 / 1500
+    # iterations 0.70 / 0.68 / 0.66x -> 0.67 / 0.65 / 0.635x full (the truth's: 0.63x); dynamic
+    # mIoU -0.8 / +0.7 / +0.8. DUPS-Tiny 512^2: +0.11 GFLOPs (+0.15%), +0.06 M parameters.
+    score_pixels: bool = True
     # Sinusoidal centre embeddings (not in the paper) on the stem's and the children's tokens:
     # off, as measured (BENCHMARKS.md section 1b: no gain; attention has its position bias)
     centre_embedding: bool = False

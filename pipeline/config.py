@@ -322,7 +322,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return _build(Config, data, "", origin)
 
 
+# Model fields added after checkpoints began recording every model field (dc3bb13), with the
+# value a model saved before the field existed was built with. A saved config that records
+# its fields (its encoder has ``dims``, its decoder ``dim``) but not these gets these values,
+# so the checkpoint loads as it was trained even where the default changed later.
+ADDED_LATER = {"encoder": ("dims", {"score_pixels": False}), "decoder": ("dim", {"pixel_data": False})}
+
+
 def config_from_dict(data: dict, where: str) -> Config:
     """A Config from a resolved config dict (a checkpoint's or exported weights' config.json);
     ``where`` names it in errors."""
+    model = data.get("model")
+    if isinstance(model, dict):
+        model = dict(model)
+        for part, (marker, values) in ADDED_LATER.items():
+            recorded = model.get(part)
+            if isinstance(recorded, dict) and marker in recorded:
+                model[part] = {**values, **recorded}
+        data = {**data, "model": model}
     return _build(Config, data, "", {"": where})

@@ -146,3 +146,26 @@ def test_full_upsampling_warmup_covers_the_first_fraction_of_training():
     cfg = load_config("demo", ["train.iters=10", "upsampling.full_warmup=0.3"])
     assert [in_full_warmup(step, cfg) for step in range(10)] == [True] * 3 + [False] * 7
     assert not any(in_full_warmup(step, load_config("demo", ["train.iters=10"])) for step in range(10))
+
+
+def test_a_saved_config_from_before_a_field_existed_keeps_the_model_it_trained():
+    """A checkpoint's config records every model field; one saved before score_pixels and
+    pixel_data existed (both now on by default) gets them off, as its model was built."""
+    from model.config import resolved_fields
+    from pipeline.config import config_from_dict
+    from pipeline.train import build_model
+
+    cfg = load_config("demo")
+    saved = cfg.to_dict()
+    encoder, decoder = resolved_fields(cfg.model.name, {}, {})
+    assert encoder["score_pixels"] and decoder["pixel_data"]  # today's defaults
+    old_enc = {k: v for k, v in encoder.items() if k != "score_pixels"}
+    old_dec = {k: v for k, v in decoder.items() if k != "pixel_data"}
+    old = config_from_dict({**saved, "model": {**saved["model"], "encoder": old_enc, "decoder": old_dec}}, "old.json")
+    assert old.model.encoder["score_pixels"] is False and old.model.decoder["pixel_data"] is False
+    model = build_model(old)
+    assert model.encoder.pixel_spread is None and model.pixel_decoder.pixel_data is None
+    new = config_from_dict({**saved, "model": {**saved["model"], "encoder": encoder, "decoder": decoder}}, "new.json")
+    assert new.model.encoder["score_pixels"] is True and new.model.decoder["pixel_data"] is True
+    # a config that records no fields (a user's overrides) keeps today's defaults
+    assert build_model(config_from_dict(saved, "user.json")).encoder.pixel_spread is not None

@@ -21,5 +21,5 @@ def test_rehearsal_smoke_runs_every_phase(tmp_path):
     assert "finetune_ade20k_tiny resumed to step 6" in text and "evaluation at step 6: mIoU" in text
     assert "images/s" in text and "peak memory" in text and "TFLOP/s" in text
     assert "export: " + str(tmp_path / "runs" / "finetune_ade20k_tiny" / "checkpoints" / "step00000006") in text
-    assert "loaded 181 tensors; missing 0; unexpected 0" in proc.stderr  # the pre-trained backbone, whole
+    assert "loaded 195 tensors; missing 0; unexpected 0" in proc.stderr  # the pre-trained backbone, whole
     assert not (tmp_path / "mlruns.db").exists() and not list(tmp_path.glob("**/mlruns*"))  # tracking off

@@ -264,7 +264,7 @@ def test_pixel_spread_heads_add_each_patchs_cell_spread_to_their_input():
     torch.manual_seed(0)
     images, _ = scenes(1, size=128)
     images = torch.cat([images, images.flip(-1)])[:, :, :, :96]  # two images, 128 x 96
-    model = build_segmentor("dups_demo", num_classes=5, encoder={"score_pixels": True})
+    model = build_segmentor("dups_demo", num_classes=5)  # score_pixels: the default
     inputs = []
     hooks = [b.score_in.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
              for b in model.encoder.upsample]
@@ -283,4 +283,5 @@ def test_pixel_spread_heads_add_each_patchs_cell_spread_to_their_input():
             torch.testing.assert_close(rec.scores[i, j].detach(), expected[0], atol=1e-5, rtol=1e-5)
     sum(r.scores.sum() for r in out.records).backward()
     assert model.encoder.pixel_spread.embed.weight.grad.abs().sum() > 0
-    assert build_segmentor("dups_demo", num_classes=5).encoder.pixel_spread is None  # off: the paper's heads
+    paper = build_segmentor("dups_demo", num_classes=5, encoder={"score_pixels": False}).encoder
+    assert paper.pixel_spread is None and all(b.spread_in is None for b in paper.upsample)
