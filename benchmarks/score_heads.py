@@ -1,5 +1,5 @@
 """How selective the score heads become, variant against variant: the demo's model trained
-(one process, CPU) on the demo's synthetic scenes under each variant's config overrides, then
+(CPU, no Ray, each variant in a process of its own) on the demo's synthetic scenes under each variant's config overrides, then
 evaluated on a held-out set of scenes from the same generator.
 
 Per variant it prints, for the three upsampling blocks (scales 32 / 16 / 8): the ranking AUC
