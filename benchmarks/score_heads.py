@@ -1,6 +1,6 @@
 """How selective the score heads become, variant against variant: the demo's model trained
-(CPU, no Ray, each variant in a process of its own) on the demo's synthetic scenes under each variant's config overrides, then
-evaluated on a held-out set of scenes from the same generator.
+(CPU, no Ray, each variant in a process of its own) on the demo's synthetic scenes under each
+variant's config overrides, then evaluated on a held-out set of scenes from the same generator.
 
 Per variant it prints, for the three upsampling blocks (scales 32 / 16 / 8): the ranking AUC
 of edge tokens above flat ones and the share of flat tokens predicted under tau_s (both with
