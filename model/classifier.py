@@ -8,7 +8,7 @@ state dict loads into the segmentor unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -48,26 +48,47 @@ def build_classifier(name: str, num_classes: int = 1000, **encoder_overrides) ->
     return DUPSClassifier(DUPSEncoder(encoder_config(name, **encoder_overrides)), num_classes)
 
 
+# Encoder tensors of the score heads (and the pixel spread they read). Pre-training selects
+# tokens at random and never runs them, so a pre-training checkpoint holds only their
+# initialisation: one that lacks them (written before a head input existed) or holds another
+# shape (another ``score_cells``) costs nothing, and fine-tuning starts them afresh.
+SCORE_HEAD_PREFIXES = ("pixel_spread.",)
+SCORE_HEAD_PARTS = (".score.", ".score_in.", ".spread_in.")
+
+
+def is_score_head(name: str) -> bool:
+    """Whether encoder tensor ``name`` (without ``encoder.``) belongs to a score head."""
+    return name.startswith(SCORE_HEAD_PREFIXES) or (
+        name.startswith("upsample.") and any(part in name for part in SCORE_HEAD_PARTS))
+
+
 @dataclass
 class LoadReport:
     loaded: list[str]
     missing: list[str]  # in the target model, not in the checkpoint
     unexpected: list[str]  # in the checkpoint, not in the target (or of another shape)
+    fresh: list[str] = field(default_factory=list)  # score-head tensors left at their initialisation
 
     def __str__(self) -> str:
+        fresh = f"; score-head tensors started afresh {len(self.fresh)}" if self.fresh else ""
         return (f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}"
                 f"{': ' + ', '.join(self.missing[:8]) if self.missing else ''}; unexpected "
-                f"{len(self.unexpected)}{': ' + ', '.join(self.unexpected[:8]) if self.unexpected else ''}")
+                f"{len(self.unexpected)}{': ' + ', '.join(self.unexpected[:8]) if self.unexpected else ''}"
+                f"{fresh}")
 
 
 def load_backbone(model: nn.Module, state: dict[str, Tensor]) -> LoadReport:
     """Loads the ``encoder.*`` tensors of a pre-training checkpoint into ``model.encoder``
-    and reports what did not match (names or shapes)."""
+    and reports what did not match (names or shapes). Score-head tensors that do not match
+    are not mismatches: they go to ``fresh`` (see ``SCORE_HEAD_PREFIXES``)."""
     own = model.encoder.state_dict()
     src = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     fits = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
     with torch.no_grad():
         for k, v in fits.items():
             own[k].copy_(v)
-    return LoadReport(sorted(fits), sorted(set(own) - set(fits)),
-                      sorted(("encoder." + k) for k in set(src) - set(fits)))
+    missing = set(own) - set(fits)
+    unexpected = set(src) - set(fits)
+    fresh = {k for k in missing if is_score_head(k)}
+    return LoadReport(sorted(fits), sorted(missing - fresh),
+                      sorted(("encoder." + k) for k in unexpected if not is_score_head(k)), sorted(fresh))

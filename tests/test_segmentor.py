@@ -137,6 +137,18 @@ def test_classifier_overfits_eight_images_and_its_backbone_loads():
     report = load_backbone(seg, other.state_dict())
     assert report.unexpected and "encoder.out_norms.3.weight" in report.unexpected
     assert "out_norms.3.weight" in report.missing
+    # A checkpoint written before the heads read the pixel spread: pre-training never runs the
+    # heads, so their missing tensors keep the segmentor's own initialisation, and the rest loads.
+    older = build_classifier("dups_demo", num_classes=4, score_pixels=False)
+    seg = build_segmentor("dups_demo", num_classes=5)
+    before = {k: v.clone() for k, v in seg.encoder.state_dict().items()}
+    report = load_backbone(seg, older.state_dict())
+    assert report.missing == [] and report.unexpected == []
+    assert "pixel_spread.embed.weight" in report.fresh and "upsample.0.spread_in.1.weight" in report.fresh
+    assert "upsample.0.score.0.weight" not in report.fresh  # present in both: loaded
+    for name, tensor in seg.encoder.state_dict().items():
+        expected = before[name] if name in report.fresh else older.encoder.state_dict()[name]
+        assert torch.equal(tensor, expected), name
 
 
 @torch.no_grad()
