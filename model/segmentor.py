@@ -12,7 +12,7 @@ from .config import decoder_config, encoder_config
 from .decoder import MaskedTransformerDecoder, PointPixelDecoder, Prediction
 from .encoder import DUPSEncoder
 from .ratios import RatioPolicy
-from .upsampling import UpsampleRecord
+from .upsampling import UpsampleRecord, eq1_painters
 
 # The ImageNet statistics every DUPS model is trained with (RGB, 0..255), as mmsegmentation.
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
@@ -78,10 +78,17 @@ class DUPSSegmentor(nn.Module):
                                                 d.heads, d.ffn, d.mask_dim)
 
     def forward(self, images: Tensor, policy: RatioPolicy | None = None,
-                oracle_maps: dict[int, Tensor] | None = None) -> SegmentationOutput:
+                oracle_maps: dict[int, Tensor] | None = None, eq1_masks: bool = False) -> SegmentationOutput:
+        """``eq1_masks``: paint the mask features with the tokens eq. 1 would keep (the heads'
+        scores over ``policy.tau``) rather than with every token of the run's selection, so a
+        training step under eq. 2 trains the coarse tokens that inference leaves in place."""
         enc = self.encoder(images, policy, oracle_maps)
         h, w = images.shape[-2:]
-        pix = self.pixel_decoder(enc.levels, h, w, images)
+        paint = None
+        if eq1_masks:
+            policy = policy or self.encoder.ratio_policy
+            paint = eq1_painters(enc.records, policy.tau, enc.levels[-1].features.shape[1])
+        pix = self.pixel_decoder(enc.levels, h, w, images, paint)
         preds = self.decoder(pix.maps, pix.mask_features)
         return SegmentationOutput(preds, enc.records, enc.tokens_per_stage)
 

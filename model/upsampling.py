@@ -98,6 +98,20 @@ class UpsampleRecord:
         return centres, scores, selected
 
 
+def eq1_painters(records: list[UpsampleRecord], tau: tuple[float, ...], coarsest: int) -> list[Tensor]:
+    """Which tokens eq. 1 would keep, for a forward run with another selection (eq. 2 in
+    training): per level, finest first, (B, n) True for a token whose every ancestor scored
+    over its block's tau. ``coarsest``: tokens in the first stage. A child of a parent eq. 1
+    would not split belongs to a set inference never builds, so its area is the parent's."""
+    if any(r.scores is None for r in records):
+        raise ValueError("eq. 1's choice needs the score heads' predictions (not random selection)")
+    paint = [records[0].scores.new_ones(records[0].scores.shape[0], coarsest, dtype=torch.bool)]
+    for r, t in zip(records, tau):
+        split = paint[-1] & (r.scores.detach() > t)
+        paint.append(split.gather(1, r.selected).repeat_interleave(4, dim=1))
+    return paint[::-1]
+
+
 class UpsamplingBlock(nn.Module):
     """Scores the finest tokens of a set of width ``dim`` and splits the top K of them."""
 

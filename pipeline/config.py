@@ -89,6 +89,16 @@ class UpsamplingConfig:
     # evaluation's targets. On the demo's scenes r = 2 (score weight 150: its targets vary 7x
     # more) trades mIoU for GFLOPs as lower thresholds do, no better (BENCHMARKS.md 1b).
     edge_radius: int = 0
+    # Share of training steps (under a selecting policy) whose mask features are painted with
+    # the tokens eq. 1 would keep, the heads' scores over tau_s, rather than with eq. 2's whole
+    # selection, which the encoder still runs (0: the paper's). Under eq. 2 the coarse tokens
+    # inside small objects are nearly always split in training, so inference, which leaves
+    # them whole, paints them with a path that never learnt (BENCHMARKS.md 1b).
+    eq1_mask_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eq1_mask_rate <= 1.0:
+            raise ValueError(f"upsampling.eq1_mask_rate must lie in [0, 1], got {self.eq1_mask_rate}")
 
     def ratio_policy(self, kind: str | None = None):
         """The run's ``RatioPolicy`` (``kind`` instead of ``policy`` if given)."""

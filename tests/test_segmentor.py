@@ -10,6 +10,7 @@ from model.criterion import CriterionConfig, SegmentationCriterion
 from model.decoder.densify import cover_pyramid
 from model.edges import edge_scores, token_targets
 from model.segmentor import build_segmentor, oracle_maps, semantic_probabilities
+from model.upsampling import eq1_painters
 from synthetic import scenes
 
 PAPER_PARAMS_M = {"dups_tiny": 48.5, "dups_small": 61.7, "dups_base": 111.5}  # Table 2
@@ -297,3 +298,40 @@ def test_pixel_spread_heads_add_each_patchs_cell_spread_to_their_input():
     assert model.encoder.pixel_spread.embed.weight.grad.abs().sum() > 0
     paper = build_segmentor("dups_demo", num_classes=5, encoder={"score_pixels": False}).encoder
     assert paper.pixel_spread is None and all(b.spread_in is None for b in paper.upsample)
+
+
+@torch.no_grad()
+def test_eq1_masks_paint_only_the_tokens_eq1_would_keep():
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", num_classes=8).eval()
+    for block in model.encoder.upsample:  # heads whose scores straddle the thresholds
+        block.score[-1].weight.mul_(200.0)
+        block.score[-1].bias.fill_(0.02)
+    images = torch.randn(2, 3, 128, 160)
+    tau, beta = (0.01, 0.02, 0.04), (0.85, 0.7, 0.6)
+    eq2 = RatioPolicy("batch", tau, beta)
+    plain = model(images, eq2)
+    sparse = model(images, eq2, eq1_masks=True)
+    assert sparse.tokens_per_stage == plain.tokens_per_stage  # the encoder runs eq. 2's set
+    records = plain.records
+    paint = eq1_painters(records, tau, 20)[::-1]  # coarsest first: 32, 16, 8, 4 px
+    # Independently, by geometry: a token paints iff its parent (the candidate whose patch
+    # holds its centre) paints and scored over tau.
+    finest = model.encoder(images, eq2).levels[0].centres
+    seen = set()
+    for block, r in enumerate(records):
+        children = records[block + 1].centres if block + 1 < len(records) else finest
+        parent_centres = (children // r.patch) * r.patch + r.patch / 2
+        for b in range(images.shape[0]):
+            for j, c in enumerate(parent_centres[b]):
+                i = int(((r.centres[b] - c).abs().sum(-1) == 0).nonzero())
+                expected = bool(paint[block][b, i]) and float(r.scores[b, i]) > tau[block]
+                assert bool(paint[block + 1][b, j]) == expected, (block, b, j)
+                seen.add(expected)
+    assert paint[0].all() and seen == {True, False}
+    assert not torch.equal(sparse.final.masks, plain.final.masks)
+
+    # Where eq. 2's set is eq. 1's (one image, eq. 1 itself), painting changes nothing.
+    one = images[:1]
+    eq1 = RatioPolicy("per_image", tau, beta)
+    assert torch.equal(model(one, eq1, eq1_masks=True).final.masks, model(one, eq1).final.masks)

@@ -57,8 +57,10 @@ class PointPixelDecoder(nn.Module):
         self.pixel_data = nn.Sequential(nn.Linear(3 * 16, mask_dim), nn.LayerNorm(mask_dim)) if pixel_data else None
 
     def forward(self, levels: list[Level], height: int, width: int,
-                images: Tensor | None = None) -> PixelDecoderOutput:
-        """``images`` (B, 3, H, W): needed with ``pixel_data``."""
+                images: Tensor | None = None, paint: list[Tensor] | None = None) -> PixelDecoderOutput:
+        """``images`` (B, 3, H, W): needed with ``pixel_data``. ``paint``: per level (finest
+        first, like ``levels``) the tokens that paint the mask features, (B, n) each; a token
+        left out leaves its area to the finest painting token above it (default: all paint)."""
         fine, coarse = levels[0], levels[1:][::-1]  # coarse: patch 32, 16, 8
         embeds = self.level_embed().unbind(0)  # rows for patch 8, 16, 32
         x = torch.cat([proj(lv.features) + emb for proj, lv, emb in
@@ -93,8 +95,15 @@ class PointPixelDecoder(nn.Module):
             coarse_feats = [self.fuse(proj(lv.features) + f)
                             for proj, lv, f in zip(self.input_proj[::-1], coarse, coarse_feats)]
         mask_tokens = [self.mask_proj(f) for f in coarse_feats + [fine_feat]]
+        mask_cover = covers[-1]
+        if paint is not None:
+            painters = paint[1:][::-1] + paint[:1]  # coarse ones, then fine
+            if valid is not None:
+                painters = [p & v for p, v in zip(painters, valid)]
+            mask_cover = cover_pyramid(coarse_centres + [fine.centres], coarse_patches + [fine.patch],
+                                       height, width, painters)[-1]
         mask_features = self.densify_mask(mask_tokens, coarse_centres + [fine.centres],
-                                          coarse_patches + [fine.patch], covers[-1], height, width)
+                                          coarse_patches + [fine.patch], mask_cover, height, width)
         if self.pixel_data is not None:
             cells = self.pixel_data(image_patches(images, 4).to(mask_features.dtype))  # (B, H/4 * W/4, C)
             mask_features = mask_features + cells.transpose(1, 2).reshape(mask_features.shape)
