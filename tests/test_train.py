@@ -27,7 +27,10 @@ def mlflow_run(out, experiment="dups-demo"):
 
 
 def test_resume_continues_exactly_and_logs_to_the_same_run(shards, tmp_path):
-    common = ["train.iters=6", "train.checkpoint_every=3", "train.eval_every=6", "launch.launcher=local"]
+    # eq1_mask_rate: steps 0 and 3 paint their mask features as eq. 1 would (a per-step draw a
+    # resumed run must repeat)
+    common = ["train.iters=6", "train.checkpoint_every=3", "train.eval_every=6", "launch.launcher=local",
+              "upsampling.eq1_mask_rate=0.5"]
     full = train_local(th.test_config(shards, tmp_path / "a", *common))
     first = train_local(th.test_config(shards, tmp_path / "b", *common), stop_after=3)
     assert first.steps == 3
