@@ -208,7 +208,12 @@ def test_bf16_weights_infer_as_autocast_does():
     bf16 = bf16.float()
     auto_err, bf16_err = (auto - ref).abs().mean(), (bf16 - ref).abs().mean()
     assert 0 < bf16_err < 3 * auto_err  # measured 1.5x
-    assert (bf16.argmax(1) == ref.argmax(1)).float().mean() > 0.98
+    # Same answers wherever fp32's is decided by more than bf16's error (near-ties of the random
+    # weights flip under either bf16 path, by how many depends on the CPU's bf16 kernels).
+    top2 = ref.topk(2, dim=1).values
+    decided = top2[:, 0] - top2[:, 1] > 0.01
+    assert decided.float().mean() > 0.5
+    assert (bf16.argmax(1) == ref.argmax(1))[decided].float().mean() > 0.99
     labels = model.predict([torch.randint(0, 255, (70, 90, 3), dtype=torch.uint8).numpy()], policy)
     assert labels[0].shape == (70, 90)
 
