@@ -87,7 +87,7 @@ class DUPSSegmentor(nn.Module):
         paint = None
         if eq1_masks:
             policy = policy or self.encoder.ratio_policy
-            paint = eq1_painters(enc.records, policy.tau, enc.levels[-1].features.shape[1])
+            paint = eq1_painters(enc.records, policy.tau)
         pix = self.pixel_decoder(enc.levels, h, w, images, paint)
         preds = self.decoder(pix.maps, pix.mask_features)
         return SegmentationOutput(preds, enc.records, enc.tokens_per_stage)

@@ -98,14 +98,15 @@ class UpsampleRecord:
         return centres, scores, selected
 
 
-def eq1_painters(records: list[UpsampleRecord], tau: tuple[float, ...], coarsest: int) -> list[Tensor]:
+def eq1_painters(records: list[UpsampleRecord], tau: tuple[float, ...]) -> list[Tensor]:
     """Which tokens eq. 1 would keep, for a forward run with another selection (eq. 2 in
     training): per level, finest first, (B, n) True for a token whose every ancestor scored
-    over its block's tau. ``coarsest``: tokens in the first stage. A child of a parent eq. 1
-    would not split belongs to a set inference never builds, so its area is the parent's."""
+    over its block's tau (the first stage's tokens, block 1's candidates, all). A child of a
+    parent eq. 1 would not split belongs to a set inference never builds, so its area is the
+    parent's."""
     if any(r.scores is None for r in records):
         raise ValueError("eq. 1's choice needs the score heads' predictions (not random selection)")
-    paint = [records[0].scores.new_ones(records[0].scores.shape[0], coarsest, dtype=torch.bool)]
+    paint = [torch.ones_like(records[0].scores, dtype=torch.bool)]
     for r, t in zip(records, tau):
         split = paint[-1] & (r.scores.detach() > t)
         paint.append(split.gather(1, r.selected).repeat_interleave(4, dim=1))

@@ -235,7 +235,7 @@ class Trainer:
             maps = {k: v.to(self.device) for k, v in batch["scores"].items()}
             oracle = oracle_maps(maps, cfg.upsampling.oracle_rate, self.oracle_gen)
             policy = self.full_policy if in_full_warmup(self.step, cfg) else self.policy
-            out = self.engine(images, policy, oracle_maps=oracle, eq1_masks=self._eq1_masks(policy))
+            out = self.engine(images, policy, oracle_maps=oracle, eq1_masks=eq1_masks_at(self.step, cfg, policy))
             terms = self.criterion(out.predictions, labels, out.records, score_maps=maps)
             loss = terms["loss"]
         if all_reduce_sum((~torch.isfinite(loss.detach())).float()).item():
@@ -244,15 +244,6 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         return {k: float(v.detach()) for k, v in terms.items() if not k.startswith("aux")}
-
-    def _eq1_masks(self, policy) -> bool:
-        """Whether this step paints its mask features with eq. 1's tokens
-        (``upsampling.eq1_mask_rate``); drawn from (seed, step), so a resumed run draws alike."""
-        rate = self.cfg.upsampling.eq1_mask_rate
-        if rate <= 0 or policy.kind in ("full", "random"):
-            return False
-        draw = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step * 7919 + 17)
-        return rate >= 1 or float(torch.rand((), generator=draw)) < rate
 
     def _check_skipped(self, terms: dict) -> None:
         """A step with a non-finite loss is skipped and counted; too many in a row stop the run."""
@@ -353,6 +344,17 @@ class Trainer:
 def in_full_warmup(step: int, cfg: Config) -> bool:
     """Whether the step (0-based) trains with full upsampling (``upsampling.full_warmup``)."""
     return step < cfg.upsampling.full_warmup * cfg.train.iters
+
+
+def eq1_masks_at(step: int, cfg: Config, policy) -> bool:
+    """Whether the step paints its mask features with eq. 1's tokens (``upsampling.eq1_mask_rate``;
+    never under full upsampling or random selection); drawn from (seed, step), so a resumed
+    run draws alike."""
+    rate = cfg.upsampling.eq1_mask_rate
+    if rate <= 0 or policy.kind in ("full", "random"):
+        return False
+    draw = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 7919 + 17)
+    return rate >= 1 or float(torch.rand((), generator=draw)) < rate
 
 
 def _utilisation(step_flops: int, step_time: float, world: int, dtype: torch.dtype) -> dict[str, float]:

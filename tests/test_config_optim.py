@@ -148,6 +148,20 @@ def test_full_upsampling_warmup_covers_the_first_fraction_of_training():
     assert not any(in_full_warmup(step, load_config("demo", ["train.iters=10"])) for step in range(10))
 
 
+def test_eq1_mask_steps_follow_the_rate_and_repeat_on_resume():
+    from pipeline.train import eq1_masks_at
+
+    def steps(rate: float, policy: str = "dynamic", seed: int = 0) -> list[bool]:
+        cfg = load_config("demo", [f"upsampling.eq1_mask_rate={rate}", f"train.seed={seed}"])
+        return [eq1_masks_at(step, cfg, cfg.upsampling.ratio_policy(policy)) for step in range(400)]
+
+    half = steps(0.5)
+    assert 160 < sum(half) < 240 and half == steps(0.5)  # a draw per step, the same every time
+    assert half != steps(0.5, seed=1)
+    assert all(steps(1.0)) and not any(steps(0.0))
+    assert not any(steps(1.0, "full")) and not any(steps(1.0, "random"))
+
+
 def test_a_saved_config_from_before_a_field_existed_keeps_the_model_it_trained():
     """A checkpoint's config records every model field; one saved before score_pixels and
     pixel_data existed (both now on by default) gets them off, as its model was built."""

@@ -319,7 +319,7 @@ def test_eq1_masks_paint_only_the_tokens_eq1_would_keep():
     sparse = model(images, eq2, eq1_masks=True)
     assert sparse.tokens_per_stage == plain.tokens_per_stage  # the encoder runs eq. 2's set
     records = plain.records
-    paint = eq1_painters(records, tau, 20)[::-1]  # coarsest first: 32, 16, 8, 4 px
+    paint = eq1_painters(records, tau)[::-1]  # coarsest first: 32, 16, 8, 4 px
     # Independently, by geometry: a token paints iff its parent (the candidate whose patch
     # holds its centre) paints and scored over tau.
     finest = model.encoder(images, eq2).levels[0].centres
