@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 
-from .checkpoints import model_state
 from .config import Config
 from .data import EvalStream, load_manifest, shards_of
 from .evaluate import evaluate, evaluate_classification
@@ -14,15 +13,14 @@ from .tracking import config_tracker
 
 def load_checkpoint_model(cfg: Config, checkpoint: str, device: torch.device):
     """(model in eval mode on ``device``, the checkpoint file found, validation manifest,
-    validation shards): what every evaluation of a checkpoint starts from."""
-    from .train import build_model
+    validation shards): what every evaluation of a checkpoint starts from. The model is the
+    one the checkpoint was trained as (``load_pretrained``), with ``cfg``'s model overrides."""
+    from .pretrained import load_pretrained
 
-    model = build_model(cfg)
-    state, where = model_state(checkpoint, cfg.name)
-    model.load_state_dict(state)
+    pre = load_pretrained(checkpoint, device, cfg)
     val_root = cfg.data.val or cfg.data.train
     manifest = load_manifest(val_root)
-    return model.eval().to(device), where, manifest, shards_of(val_root, manifest, "val")
+    return pre.model, pre.source, manifest, shards_of(val_root, manifest, "val")
 
 
 def compare_policies(cfg: Config, checkpoint: str, policies: dict, device: torch.device,

@@ -8,7 +8,7 @@ tensors and plain data.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,9 +36,25 @@ def _exported_config(path: str) -> tuple[dict, str]:
         return {}, where
 
 
+def trained_as(config: Config, saved: dict, where: str) -> Config:
+    """``config`` with the model its weights were trained as: the saved config's encoder and
+    decoder fields (a checkpoint records every one), under the model overrides ``config``
+    itself names. So a default changed since training (``pixel_data_hidden`` on 2026-12-01)
+    does not change the model that ``dups eval CONFIG`` builds; data, evaluation and the
+    ratio policy stay ``config``'s."""
+    if not isinstance(saved.get("model"), dict):
+        return config
+    model = config_from_dict(saved, where).model
+    if model.name != config.model.name:  # another model: its weights will not fit, and say so
+        return config
+    return replace(config, model=replace(config.model, encoder={**model.encoder, **config.model.encoder},
+                                         decoder={**model.decoder, **config.model.decoder}))
+
+
 def load_pretrained(path: str, device: str | torch.device = "cpu", config: Config | None = None) -> Pretrained:
-    """The model of ``path`` built from the config saved with it (or ``config``, which wins).
-    A checkpoint is copied once for both its weights and its ``config.json``."""
+    """The model of ``path`` built from the config saved with it, under ``config`` if given
+    (``trained_as``: its model overrides and everything else win). A checkpoint is copied
+    once for both its weights and its ``config.json``."""
     from .train import build_model
 
     if path.endswith((".safetensors", ".pt")):
@@ -53,6 +69,8 @@ def load_pretrained(path: str, device: str | torch.device = "cpu", config: Confi
             raise ConfigError(f"{path}: no config saved with these weights ({where}); export them with "
                               "`dups export`, or name the config they were trained with")
         config = config_from_dict(data, where)
+    else:
+        config = trained_as(config, data, where)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -97,12 +97,14 @@ def test_weights_without_their_config_are_a_clear_error(trained, tmp_path):
 
 def test_a_checkpoint_keeps_its_model_when_a_default_changes(trained, monkeypatch):
     """The saved config names every encoder and decoder field, so the model a checkpoint
-    rebuilds is the one it was trained as, whatever the code's defaults are later."""
+    rebuilds is the one it was trained as, whatever the code's defaults are later: from its
+    own config, and under a user's config (``dups eval CONFIG``) unless that names the field."""
     import dataclasses
 
     import model.config as model_config
     from pipeline.pretrained import load_pretrained
 
+    _, before = run_eval(trained["cfg"], trained["checkpoint"])
     saved = json.loads((Path(trained["checkpoint"]) / "config.json").read_text())["model"]
     fields = {f.name for f in dataclasses.fields(model_config.DecoderConfig)}
     assert set(saved["decoder"]) == fields and saved["decoder"]["fuse_coarse"] is True
@@ -111,3 +113,9 @@ def test_a_checkpoint_keeps_its_model_when_a_default_changes(trained, monkeypatc
     monkeypatch.setattr(model_config, "DECODERS", flipped)
     assert model_config.decoder_config("dups_demo").fuse_coarse is False
     assert load_pretrained(trained["checkpoint"]).model.pixel_decoder.fuse_coarse is True
+    cfg = trained["cfg"]
+    assert load_pretrained(trained["checkpoint"], config=cfg).model.pixel_decoder.fuse_coarse is True
+    _, after = run_eval(cfg, trained["checkpoint"])
+    assert after.mIoU == before.mIoU and after.gflops_mean == before.gflops_mean
+    named = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decoder={"fuse_coarse": False}))
+    assert load_pretrained(trained["checkpoint"], config=named).model.pixel_decoder.fuse_coarse is False
