@@ -9,7 +9,7 @@ GFLOPs under full upsampling, the dynamic ratio (eq. 1 on the head's predictions
 oracle's (eq. 1 on the true edge fractions).
 
     .venv/bin/python benchmarks/score_heads.py --iters 600 [--tau-scales 0.5,0.25] [--losses] \\
-        [--oracle-radii 1,2,4] [--oracle-at 1,2,1+2] \\
+        [--oracle-radii 1,2,4] [--oracle-at 1,2,1+2] [--painted] \\
         base= weight10=upsampling.score_weight=10 trained_full=upsampling.policy=full
 
 A variant is NAME=override[,override...] (an empty list: the defaults). Runs and data are
@@ -114,6 +114,26 @@ def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = (),
         results.update(compare_policies(widened, checkpoint, {f"oracle r{radius}": (eq1, True), **at(f"oracle r{radius}")},
                                         torch.device("cpu")))
     return results
+
+
+@torch.no_grad()
+def painted(cfg, checkpoint: str):
+    """Full upsampling whose mask features are painted by the tokens eq. 1 would keep (the
+    heads' scores over tau; ``eq1_masks``): the encoder and the pixel decoder see every token,
+    only the painting is sparse. Near the dynamic run: the painting, not the sparse context,
+    loses; near full upsampling: the context."""
+    from pipeline.config import EvalConfig
+    from pipeline.data import EvalStream
+    from pipeline.evaluate import evaluate
+    from pipeline.evaluate_cli import load_checkpoint_model
+    from pipeline.train import _SegmentationEval
+
+    model, _, _, shards = load_checkpoint_model(cfg, checkpoint, torch.device("cpu"))
+    forward = model.forward
+    model.forward = lambda *args, **kw: forward(*args, eq1_masks=True, **kw)
+    samples = list(EvalStream(shards, _SegmentationEval.of(cfg), 0, 1, 0))
+    return evaluate(model, samples, cfg.model.num_classes, cfg.upsampling.ratio_policy("full"), EvalConfig(),
+                    cfg.data.crop, torch.device("cpu"), progress=False)
 
 
 SMALL_CLASS = 0.05  # a class under this share of the held-out pixels counts as "small"
@@ -239,6 +259,8 @@ def main() -> None:
                     "run the oracle at only these blocks, the heads at the others (on each --oracle-radii)")
     ap.add_argument("--probe", type=int, default=0,
                     help="also retrain each variant's score heads alone on its frozen features for N steps")
+    ap.add_argument("--painted", action="store_true", help="also run full upsampling with the mask "
+                    "features painted by eq. 1's tokens (does the sparse painting or the sparse context lose?)")
     ap.add_argument("--losses", action="store_true", help="also print where sparse evaluation loses "
                     "pixels against full upsampling (token size, distance to a boundary, small classes)")
     args = ap.parse_args()
@@ -254,6 +276,8 @@ def main() -> None:
         radii = tuple(int(x) for x in args.oracle_radii.split(",") if x)
         at = tuple(tuple(int(b) for b in x.split("+")) for x in args.oracle_at.split(",") if x)
         rows.append((name, evaluate_variant(cfg, checkpoint, scales, radii, at)))
+        if args.painted:
+            rows[-1][1]["painted by eq. 1"] = painted(cfg, checkpoint)
         print(f"  {name}: {rows[-1][1]['full'].selection_line()}", flush=True)
         if args.losses:
             print_losses(name, where_lost(cfg, checkpoint))
@@ -277,15 +301,17 @@ def main() -> None:
               f"{dyn.gflops_mean / full.gflops_mean:>11.3f}{orc.gflops_mean / full.gflops_mean:>9.3f}  "
               f"{row(dyn.split_ratio, '.2f'):<20}{row(dyn.edge_recall, '.2f')}")
 
-    sweeps = [(name, k, r) for name, res in rows for k, r in res.items() if k.startswith(("tau x", "oracle r", "oracle @"))]
+    sweeps = [(name, k, r) for name, res in rows for k, r in res.items() if k.startswith(("tau x", "oracle r", "oracle @", "painted"))]
     if sweeps:
         print("\neq. 1 on the heads' predictions with scaled thresholds (tau x), and on true edge "
-              "fractions widened by r pixels (oracle r), at only the blocks after @ (the heads at the others)")
+              "fractions widened by r pixels (oracle r), at only the blocks after @ (the heads at the others); "
+              "full upsampling painted by eq. 1's tokens")
         print(f"{'variant':<18}{'run':<16}{'mIoU':>6}{'x full':>8}  {'split':<20}edge recall")
         for name, key, res in sweeps:
             full = dict(rows)[name]["full"]
+            split = ("-", "-") if key.startswith("painted") else (row(res.split_ratio, '.2f'), row(res.edge_recall, '.2f'))
             print(f"{name:<18}{key:<16}{res.mIoU:>6.1f}{res.gflops_mean / full.gflops_mean:>8.3f}  "
-                  f"{row(res.split_ratio, '.2f'):<20}{row(res.edge_recall, '.2f')}")
+                  f"{split[0]:<20}{split[1]}")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class DUPSSegmentor(nn.Module):
         self.pixel_decoder = PointPixelDecoder(
             tuple(reversed(encoder.cfg.dims)), d.dim, d.pixel_layers, d.pixel_heads,
             d.pixel_mlp_ratio, d.mask_dim, encoder.cfg.cluster_size, encoder.cfg.nbhd_size,
-            d.centre_embedding, d.fuse_coarse, d.pixel_data)
+            d.centre_embedding, d.fuse_coarse, d.pixel_data, d.pixel_data_hidden)
         self.decoder = MaskedTransformerDecoder(num_classes, d.dim, d.queries, d.layers,
                                                 d.heads, d.ffn, d.mask_dim)
 

@@ -338,7 +338,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 # value a model saved before the field existed was built with. A saved config that records
 # its fields (its encoder has ``dims``, its decoder ``dim``) but not these gets these values,
 # so the checkpoint loads as it was trained even where the default changed later.
-ADDED_LATER = {"encoder": ("dims", {"score_pixels": False}), "decoder": ("dim", {"pixel_data": False})}
+ADDED_LATER = {"encoder": ("dims", {"score_pixels": False}),
+               "decoder": ("dim", {"pixel_data": False, "pixel_data_hidden": 0})}
 
 
 def config_from_dict(data: dict, where: str) -> Config:

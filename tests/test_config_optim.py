@@ -164,7 +164,8 @@ def test_eq1_mask_steps_follow_the_rate_and_repeat_on_resume():
 
 def test_a_saved_config_from_before_a_field_existed_keeps_the_model_it_trained():
     """A checkpoint's config records every model field; one saved before score_pixels and
-    pixel_data existed (both now on by default) gets them off, as its model was built."""
+    pixel_data existed (both now on by default) gets them off, as its model was built; one
+    saved before pixel_data_hidden gets the linear pixel embedding."""
     from model.config import resolved_fields
     from pipeline.config import config_from_dict
     from pipeline.train import build_model
@@ -172,13 +173,18 @@ def test_a_saved_config_from_before_a_field_existed_keeps_the_model_it_trained()
     cfg = load_config("demo")
     saved = cfg.to_dict()
     encoder, decoder = resolved_fields(cfg.model.name, {}, {})
-    assert encoder["score_pixels"] and decoder["pixel_data"]  # today's defaults
+    assert encoder["score_pixels"] and decoder["pixel_data"] and decoder["pixel_data_hidden"] == 128  # today's defaults
     old_enc = {k: v for k, v in encoder.items() if k != "score_pixels"}
-    old_dec = {k: v for k, v in decoder.items() if k != "pixel_data"}
+    old_dec = {k: v for k, v in decoder.items() if k not in ("pixel_data", "pixel_data_hidden")}
     old = config_from_dict({**saved, "model": {**saved["model"], "encoder": old_enc, "decoder": old_dec}}, "old.json")
     assert old.model.encoder["score_pixels"] is False and old.model.decoder["pixel_data"] is False
     model = build_model(old)
     assert model.encoder.pixel_spread is None and model.pixel_decoder.pixel_data is None
+    # saved after pixel_data, before pixel_data_hidden: the linear pixel embedding it trained
+    between_dec = {k: v for k, v in decoder.items() if k != "pixel_data_hidden"}
+    between = build_model(config_from_dict({**saved, "model": {**saved["model"], "encoder": encoder,
+                                                              "decoder": between_dec}}, "between.json"))
+    assert [type(m).__name__ for m in between.pixel_decoder.pixel_data] == ["Linear", "LayerNorm"]
     new = config_from_dict({**saved, "model": {**saved["model"], "encoder": encoder, "decoder": decoder}}, "new.json")
     assert new.model.encoder["score_pixels"] is True and new.model.decoder["pixel_data"] is True
     # a config that records no fields (a user's overrides) keeps today's defaults

@@ -194,20 +194,24 @@ def test_centre_embeddings_switch_off_everywhere():
 @torch.no_grad()
 def test_bf16_weights_infer_as_autocast_does():
     """``model.to(torch.bfloat16)`` (no per-forward weight casts) against bf16 autocast over
-    fp32 weights: both near the fp32 result, and the bf16 model keeps its dtype throughout."""
+    fp32 weights: both near the fp32 result, and the bf16 model keeps its dtype throughout.
+    The errors are compared under full upsampling: under a selecting policy either bf16 path
+    may swap a near-tied token, a discrete change that dwarfs rounding (up to 3.6x the mean
+    error on one random model of four)."""
     torch.manual_seed(0)
     model = build_segmentor("dups_demo", num_classes=8).eval()
     x = torch.randn(2, 3, 96, 128)
-    policy = RatioPolicy.from_preset("fixed", "ade20k")
-    ref = model.probabilities(x, policy)
+    full, policy = RatioPolicy("full"), RatioPolicy.from_preset("fixed", "ade20k")
+    ref, ref_full = model.probabilities(x, policy), model.probabilities(x, full)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = model.probabilities(x, policy).float()
+        auto_full = model.probabilities(x, full).float()
     model = model.to(torch.bfloat16)
     bf16 = model.probabilities(x.to(torch.bfloat16), policy)
     assert bf16.dtype == torch.bfloat16
     bf16 = bf16.float()
-    auto_err, bf16_err = (auto - ref).abs().mean(), (bf16 - ref).abs().mean()
-    assert 0 < bf16_err < 3 * auto_err  # measured 1.5x
+    auto_err = (auto_full - ref_full).abs().mean()
+    bf16_err = (model.probabilities(x.to(torch.bfloat16), full).float() - ref_full).abs().mean()
+    assert 0 < bf16_err < 3 * auto_err  # measured 0.7-2.1x over four random models
     # Same answers wherever fp32's is decided by more than bf16's error (near-ties of the random
     # weights flip under either bf16 path, by how many depends on the CPU's bf16 kernels).
     top2 = ref.topk(2, dim=1).values
@@ -274,6 +278,8 @@ def test_pixel_data_adds_each_stride4_cells_own_pixels_to_the_mask_features():
             cell = images[0, :, 4 * y:4 * y + 4, 4 * x:4 * x + 4].reshape(-1)  # channels, rows, columns
             torch.testing.assert_close(with_pixels[0, :, y, x] - without[0, :, y, x], embed(cell), atol=1e-5, rtol=1e-5)
     assert with_pixels.shape == (1, 64, 32, 32)
+    assert [type(m).__name__ for m in embed] == ["Linear", "GELU", "Linear", "LayerNorm"]  # pixel_data_hidden
+    assert embed[0].out_features == 128
 
 
 def test_pixel_spread_heads_add_each_patchs_cell_spread_to_their_input():

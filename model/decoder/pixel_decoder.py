@@ -35,11 +35,18 @@ def _proj(dim_in: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, dim), nn.LayerNorm(dim))
 
 
+def _pixel_embedding(dim: int, hidden: int) -> nn.Sequential:
+    """A stride-4 cell's 4 x 4 x 3 pixels -> ``dim``: through one hidden layer of ``hidden``
+    (0: linear), then LayerNorm."""
+    layers = [nn.Linear(3 * 16, hidden), nn.GELU(), nn.Linear(hidden, dim)] if hidden else [nn.Linear(3 * 16, dim)]
+    return nn.Sequential(*layers, nn.LayerNorm(dim))
+
+
 class PointPixelDecoder(nn.Module):
     def __init__(self, in_dims: tuple[int, int, int, int], dim: int = 256, layers: int = 6,
                  heads: int = 8, mlp_ratio: float = 4.0, mask_dim: int = 256,
                  cluster_size: int = 8, nbhd_size: int = 48, centre_embedding: bool = False,
-                 fuse_coarse: bool = True, pixel_data: bool = False):
+                 fuse_coarse: bool = True, pixel_data: bool = False, pixel_data_hidden: int = 0):
         """``in_dims``: encoder widths of the levels with patch 4, 8, 16, 32; the defaults are
         ``DecoderConfig``'s."""
         super().__init__()
@@ -54,7 +61,7 @@ class PointPixelDecoder(nn.Module):
         self.mask_proj = nn.Linear(dim, mask_dim)
         self.densify_maps = nn.ModuleList(Densify(dim) for _ in range(3))
         self.densify_mask = Densify(mask_dim)
-        self.pixel_data = nn.Sequential(nn.Linear(3 * 16, mask_dim), nn.LayerNorm(mask_dim)) if pixel_data else None
+        self.pixel_data = _pixel_embedding(mask_dim, pixel_data_hidden) if pixel_data else None
 
     def forward(self, levels: list[Level], height: int, width: int,
                 images: Tensor | None = None, paint: list[Tensor] | None = None) -> PixelDecoderOutput:
