@@ -69,9 +69,10 @@ def run_demo(out: str = "demo_run", iters: int = 300, train_images: int = 48, va
     if dynamic.split_ratio:
         print(dynamic.selection_line())
     if iters < 600 and full.mIoU - dynamic.mIoU > 1:
-        print(f"note: after {iters} iterations the model cannot yet label a small object's inside from one "
-              "coarse token; on these scenes dynamic upsampling comes within 1 mIoU of full by 600 iterations "
-              "and level with it by 1500 (BENCHMARKS.md section 1b; `dups demo --iters 1500`)")
+        print(f"note: after {iters} iterations the model is not yet sure of a small object's inside painted by one "
+              "coarse token; on these scenes dynamic upsampling runs 1.0 below full after 300 iterations on average "
+              "over five seeds (0.7 above to 2.0 below) and above it by 1500 (BENCHMARKS.md section 1b; "
+              "`dups demo --iters 1500`)")
     print(f"finished in {summary['seconds'] / 60:.1f} min; checkpoint {checkpoint}")
     print(f"open the MLflow UI: mlflow ui --backend-store-uri {redact(resolve_uri(cfg.tracking.uri))} "
           f"--host 127.0.0.1  (token-selection pictures are in each run's artifacts/pictures)")
