@@ -19,6 +19,7 @@ from pathlib import Path
 from data_prep.local_ray import init_ray
 from data_prep.storage import open_storage
 from pipeline.checkpoints import (find_checkpoint, join, mark_complete, newest_of_launch, prune, publish,
+                                  saved_config,
                                  step_of, tag_of)
 from pipeline.config import Config
 from pipeline.credentials import forwarded_env
@@ -61,10 +62,17 @@ def local_hooks(cfg: Config, resume_from: str | None = None, stop_after: int | N
     return RunHooks(stage_dir, publish_hook, resume_from, stop_after)
 
 
-def resume_point(cfg: Config, resume: str | None) -> str | None:
+def resume_point(cfg: Config, resume: str | None) -> tuple[str | None, Config]:
     """The checkpoint to continue from: the newest complete one in ``resume`` (a checkpoint,
-    a run's folder, or ``train.output``; local or S3)."""
-    return find_checkpoint(resume, cfg.name).url if resume else None
+    a run's folder, or ``train.output``; local or S3), and ``cfg`` building the model that
+    checkpoint was trained as (``pipeline.pretrained.trained_as``), so code whose defaults
+    changed since continues the same model."""
+    if not resume:
+        return None, cfg
+    from pipeline.pretrained import trained_as
+
+    url = find_checkpoint(resume, cfg.name).url
+    return url, trained_as(cfg, saved_config(url), join(url, "config.json"))
 
 
 def train_local(cfg: Config, resume: str | None = None, stop_after: int | None = None):
@@ -80,7 +88,7 @@ def train_local(cfg: Config, resume: str | None = None, stop_after: int | None =
         raise ValueError("launch.use_gpu=true but torch sees no CUDA device here: set "
                          "launch.use_gpu=false to train on the CPU")
     check_inputs(cfg, pretrained=resume is None)
-    resume_from = resume_point(cfg, resume)
+    resume_from, cfg = resume_point(cfg, resume)
     init_single_process()
     return train(cfg, local_hooks(cfg, resume_from, stop_after))
 
@@ -219,7 +227,7 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
 
     cfg = pinned(cfg)
     check_inputs(cfg, pretrained=resume is None)
-    resume_from = resume_point(cfg, resume)
+    resume_from, cfg = resume_point(cfg, resume)
     joined = bool(cfg.launch.address or os.environ.get("RAY_ADDRESS"))
     started = not ray.is_initialized()
     if started:

@@ -223,6 +223,13 @@ def fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
+def saved_config(url: str) -> dict:
+    """The ``config.json`` a complete checkpoint was saved with ({} if none), read alone
+    (no copy of the weights)."""
+    storage = open_storage(url)
+    return json.loads(storage.get_bytes("config.json")) if storage.exists("config.json") else {}
+
+
 def weights_and_config(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict]:
     """The fp32 weights and the saved ``config.json`` ({} if none) of a complete checkpoint,
     from one local copy of it."""

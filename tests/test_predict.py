@@ -98,7 +98,8 @@ def test_weights_without_their_config_are_a_clear_error(trained, tmp_path):
 def test_a_checkpoint_keeps_its_model_when_a_default_changes(trained, monkeypatch):
     """The saved config names every encoder and decoder field, so the model a checkpoint
     rebuilds is the one it was trained as, whatever the code's defaults are later: from its
-    own config, and under a user's config (``dups eval CONFIG``) unless that names the field."""
+    own config, and under a user's config (``dups eval CONFIG``, a resumed run) unless that
+    names the field."""
     import dataclasses
 
     import model.config as model_config
@@ -119,3 +120,10 @@ def test_a_checkpoint_keeps_its_model_when_a_default_changes(trained, monkeypatc
     assert after.mIoU == before.mIoU and after.gflops_mean == before.gflops_mean
     named = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decoder={"fuse_coarse": False}))
     assert load_pretrained(trained["checkpoint"], config=named).model.pixel_decoder.fuse_coarse is False
+    # a run resumed by newer code continues the model it trained
+    from cluster.launch import resume_point
+    from pipeline.train import build_model
+
+    url, resumed = resume_point(cfg, trained["checkpoint"])
+    assert url == trained["checkpoint"] and build_model(resumed).pixel_decoder.fuse_coarse is True
+    assert build_model(resume_point(named, trained["checkpoint"])[1]).pixel_decoder.fuse_coarse is False
