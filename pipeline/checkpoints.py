@@ -234,8 +234,7 @@ def weights_and_config(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dic
     """The fp32 weights and the saved ``config.json`` ({} if none) of a complete checkpoint,
     from one local copy of it."""
     with local_copy(ref) as folder:
-        config_file = folder / "config.json"
-        return fp32_state_dict(folder), json.loads(config_file.read_text()) if config_file.is_file() else {}
+        return fp32_state_dict(folder), saved_config(str(folder))
 
 
 def model_state(path: str, name: str | None = None) -> tuple[dict[str, torch.Tensor], str]:

@@ -40,8 +40,8 @@ def trained_as(config: Config, saved: dict, where: str) -> Config:
     """``config`` with the model its weights were trained as: the saved config's encoder and
     decoder fields (a checkpoint records every one), under the model overrides ``config``
     itself names. So a default changed since training (``pixel_data_hidden`` on 2026-12-01)
-    does not change the model that ``dups eval CONFIG`` builds; data, evaluation and the
-    ratio policy stay ``config``'s."""
+    does not change the model that ``dups eval CONFIG`` or a resumed run builds; data,
+    evaluation and the ratio policy stay ``config``'s."""
     if not isinstance(saved.get("model"), dict):
         return config
     model = config_from_dict(saved, where).model
