@@ -7,7 +7,7 @@ host syncs that stop the CPU from queueing ahead, not FLOPs. This script says wh
 functions issue them.
 
     .venv/bin/python benchmarks/launches.py [--image-size 512] [--top 12] [--bf16]
-        [--models peer fixed full] [--compile]
+        [--models peer fixed full fused] [--compile]
 
 ``--compile`` profiles each model compiled by inductor instead (mode "default", so its fused
 kernels are launched one by one and visible). On a GPU: kernels per forward, the GPU's busy
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import sys
 import traceback
 from pathlib import Path
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import device_name, time_ms  # noqa: E402
 from benchmarks.peer import swin_t_mask2former  # noqa: E402
 from model import RatioPolicy  # noqa: E402
+from model.attention import set_backend  # noqa: E402
 from model.segmentor import build_segmentor  # noqa: E402
 
 
@@ -93,7 +95,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    ap.add_argument("--models", nargs="+", choices=["peer", "fixed", "full"], default=["peer", "fixed", "full"])
+    ap.add_argument("--models", nargs="+", choices=["peer", "fixed", "full", "fused"], default=["peer", "fixed", "full"],
+                    help="fused: fixed beta with the clustered attention in the Triton kernel (CUDA)")
     ap.add_argument("--compile", action="store_true", help="profile inductor-compiled models (GPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -105,13 +108,18 @@ def main() -> None:
     image = torch.randn(1, 3, args.image_size, args.image_size, device=device)
     peer = swin_t_mask2former(150).eval().to(device) if "peer" in args.models else None
     dups = build_segmentor("dups_tiny", 150).eval().to(device)
+    fused = copy.deepcopy(dups) if "fused" in args.models else None
+    if fused is not None:
+        set_backend(fused, "fused")
     if args.compile:
         peer = torch.compile(peer, dynamic=False) if peer is not None else None
         dups = torch.compile(dups, dynamic=False)
+        fused = torch.compile(fused, dynamic=False) if fused is not None else None
     runs = {
         "Mask2Former Swin-T": ("peer", lambda: peer(pixel_values=image)),
         "DUPS-Tiny fixed beta": ("fixed", lambda: dups(image, RatioPolicy.from_preset("fixed", "ade20k"))),
         "DUPS-Tiny full": ("full", lambda: dups(image, RatioPolicy("full"))),
+        "DUPS-Tiny fixed, fused": ("fused", lambda: fused(image, RatioPolicy.from_preset("fixed", "ade20k"))),
     }
     how = "compiled (inductor, default mode)" if args.compile else "eager"
     print(f"{args.image_size}x{args.image_size}, batch 1, {device_name(device)}, "

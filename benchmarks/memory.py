@@ -61,19 +61,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--backend", default="auto", help="attention backend preference (model/attention.py): "
+                    "auto, torch, xformers, natten or fused")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
         print("peak allocated memory is a CUDA measurement: run this on a GPU (CPU run checks the code only)")
     print(f"{args.size}x{args.size}, {device_name(device)}, "
-          f"{'bf16' if args.bf16 else 'fp32'}; GiB max / mean of per-step peaks over {args.steps} steps")
+          f"{'bf16' if args.bf16 else 'fp32'}, attention {args.backend}; GiB max / mean of per-step peaks over {args.steps} steps")
     print(f"{'batch':>6}{'dynamic max':>13}{'mean':>8}{'full max':>10}{'mean':>8}{'full/dyn':>10}")
     for batch in args.batches:
         row = []
         for policy in (RatioPolicy.from_preset("dynamic", "cityscapes"), RatioPolicy("full")):
             torch.manual_seed(0)
-            model = build_segmentor("dups_tiny", 19).to(device).train()
+            model = build_segmentor("dups_tiny", 19, encoder={"attention_backend": args.backend}).to(device).train()
             try:
                 row.append(measure(model, policy, batch, args.size, args.steps, args.warmup, device, args.bf16))
             except torch.OutOfMemoryError:

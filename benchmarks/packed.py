@@ -40,12 +40,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
     ap.add_argument("--shapes", type=int, default=0, help="count forward shapes over N scenes instead")
+    ap.add_argument("--backend", default="auto", help="attention backend preference (model/attention.py): "
+                    "auto, torch, xformers, natten or fused")
     args = ap.parse_args()
     if args.shapes:
         return count_shapes(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_segmentor(args.model).eval().to(device)
+    model = build_segmentor(args.model, encoder={"attention_backend": args.backend}).eval().to(device)
     images, labels = scenes(args.batch, size=args.size, seed=1)
     maps = {p: m.to(device) for p, m in edge_scores(labels).items()}
     images = images.to(device)
@@ -74,7 +76,7 @@ def main() -> None:
     padding = sum(int((~r.chosen).sum()) for r in together.records) / max(rows, 1)
     print(f"{args.model} {args.size}x{args.size}, batch {args.batch}, eq. 1 on oracle budgets "
           f"({args.preset}), bucket {args.bucket}, {device_name(device)}, "
-          f"{'bf16 weights' if args.bf16 else 'fp32'}")
+          f"{'bf16 weights' if args.bf16 else 'fp32'}, attention {args.backend}")
     print("children per block and image: " + " | ".join(
         "/".join(str(int(c)) for c in (4 * r.chosen.sum(1)).tolist()) for r in together.records))
     for name, t in times.items():

@@ -2,7 +2,7 @@
 parameters, GFLOPs and latency on the same input, measured side by side in one run.
 
     .venv/bin/python benchmarks/peer.py --image-size 512 --repeats 3 [--batch 1] [--bf16]
-        [--compile [default|reduce-overhead|max-autotune] | --cuda-graph] [--models peer fixed full]
+        [--compile [default|reduce-overhead|max-autotune] | --cuda-graph] [--models peer fixed full fused]
 
 DUPS runs with fixed-beta (ADE20K) and full upsampling (a dynamic ratio needs a trained score
 head; an untrained one splits almost everything). GFLOPs are multiply-adds
@@ -13,11 +13,14 @@ under ``torch.compile`` with static shapes (one compiled graph per policy; "redu
 replays it as a CUDA graph, which removes the launch cost that dominates batch 1), with the
 seconds its first two calls took, or says why it failed; ``--cuda-graph`` instead replays
 each eager forward as one captured CUDA graph (no compiler, seconds to set up). ``--models``
-runs a subset (one model per process rules out allocator interplay between them).
+runs a subset (one model per process rules out allocator interplay between them); ``fused`` is
+fixed beta with the same weights whose clustered attention runs the Triton kernel
+(``model/fused_attention.py``; a CUDA device), its answer checked against ``fixed``'s.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -29,11 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import cuda_graphed, device_name, time_ms  # noqa: E402
 from model import RatioPolicy  # noqa: E402
+from model.attention import set_backend  # noqa: E402
 from model.segmentor import build_segmentor, semantic_probabilities  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION, count_gmacs, count_params  # noqa: E402
 
 
-MODELS = {"peer": "Mask2Former Swin-T", "fixed": "DUPS-Tiny fixed beta", "full": "DUPS-Tiny full"}
+MODELS = {"peer": "Mask2Former Swin-T", "fixed": "DUPS-Tiny fixed beta", "full": "DUPS-Tiny full",
+          "fused": "DUPS-Tiny fixed, fused"}  # fused: the same weights, the Triton kernel's attention
 
 
 def swin_t_mask2former(classes: int):
@@ -55,7 +60,7 @@ def main() -> None:
                     help="also time torch.compile'd models (mode; default: default)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="also time each model's eager forward replayed as one CUDA graph")
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=["peer", "fixed", "full"], choices=list(MODELS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -63,29 +68,31 @@ def main() -> None:
     image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     peer = swin_t_mask2former(150).eval().to(device)
     dups = build_segmentor("dups_tiny", 150).eval().to(device)
+    fused = copy.deepcopy(dups)
+    set_backend(fused, "fused")
     fixed, full = RatioPolicy.from_preset("fixed", "ade20k"), RatioPolicy("full")
 
-    def calls(peer, dups):
+    def calls(peer, dups, fused):
         return {
             MODELS["peer"]: lambda: peer(pixel_values=image),
             MODELS["fixed"]: lambda: dups(image, fixed),
             MODELS["full"]: lambda: dups(image, full),
+            MODELS["fused"]: lambda: fused(image, fixed),
         }
 
     chosen = [MODELS[m] for m in MODELS if m in args.models]
     runs = {name: (model, fn) for (name, fn), model in
-            zip(calls(peer, dups).items(), (peer, dups, dups)) if name in chosen}
+            zip(calls(peer, dups, fused).items(), (peer, dups, dups, fused)) if name in chosen}
     compiled = {}
     if args.compile:
         options = {"mode": args.compile, "dynamic": False}
-        compiled = {name: fn for name, fn in calls(torch.compile(peer, **options),
-                                                   torch.compile(dups, **options)).items()
+        compiled = {name: fn for name, fn in calls(*(torch.compile(m, **options) for m in (peer, dups, fused))).items()
                     if name in chosen}
 
     if args.cuda_graph:
         if args.compile or device.type != "cuda":
             raise SystemExit("--cuda-graph needs a CUDA device and no --compile")
-        compiled = {name: fn for name, fn in calls(peer, dups).items() if name in chosen}
+        compiled = {name: fn for name, fn in calls(peer, dups, fused).items() if name in chosen}
     label = "graphed" if args.cuda_graph else "compiled"
 
     def timed(fn) -> float:
@@ -100,10 +107,15 @@ def main() -> None:
             masks=out.masks_queries_logits, logits=out.class_queries_logits)
         return count_gmacs(semantic_probabilities, pred, image.shape[-2:])[0]
 
+    if {"fixed", "fused"} <= set(args.models):
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+            gap = (runs[MODELS["fused"]][1]().final.masks.float() - runs[MODELS["fixed"]][1]().final.masks.float())
+        print(f"fused kernel against the reference backend: mask logits differ by at most {gap.abs().max():.2e}")
     stats = {}
     for name, (model, fn) in runs.items():
         with torch.no_grad():
-            gmacs, out = count_gmacs(fn)
+            # the FLOP counter cannot see inside the Triton kernel: count its reference's operations
+            gmacs, out = count_gmacs(fn if name != MODELS["fused"] else (lambda: dups(image, fixed)))
             inference = inference_gmacs(out)
         timed(fn)  # warm-up
         stats[name] = {"params": count_params(model) / 1e6, "gflops": gmacs / args.batch,

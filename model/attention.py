@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -349,16 +350,46 @@ def natten_fast_available() -> bool:
     return _libnatten_present()
 
 
+@torch.compiler.assume_constant_result
+def fused_kernel_available() -> bool:
+    """Triton imports (it ships with CUDA torch): the fused kernel compiles for CUDA devices, and
+    runs on a CPU only in Triton's interpreter (``TRITON_INTERPRET=1``, the tests)."""
+    return _triton_present()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_present() -> bool:
+    from .fused_attention import available
+
+    return available()
+
+
+# The fused kernel holds one group's (queries x keys) scores in a program's registers: sized for
+# the clusters (8 queries, 48 keys), not for a global stage's one group of every token.
+FUSED_MAX_QUERIES, FUSED_MAX_KEYS = 32, 128
+
+
+def applies(backend: str, nbhd: Neighbourhood) -> bool:
+    """Whether ``backend``'s kernel can run this neighbourhood: natten takes full grids, the
+    fused kernel clusters that fit its tile; torch and xformers take every kind."""
+    if backend == "natten":
+        return nbhd.grid is not None
+    if backend == "fused":
+        runs_here = nbhd.centres.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        return (runs_here and fused_kernel_available() and nbhd.query_rows is not None
+                and nbhd.cluster_size <= FUSED_MAX_QUERIES and nbhd.key_index.shape[-1] <= FUSED_MAX_KEYS)
+    return True
+
+
 def resolve_backend(backend: str, nbhd: Neighbourhood) -> str:
+    """The backend that runs ``nbhd``. A named backend is a preference, as a model-wide setting
+    must be (one model has global, grid and clustered stages): it runs where its kernel applies,
+    and elsewhere the neighbourhood takes what ``auto`` would."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if nbhd.key_valid is not None:  # masked keys (packed small images): the reference path
         return "torch"
-    if backend != "auto":
-        if backend == "natten" and nbhd.grid is None:
-            raise ValueError("the natten backend needs tokens on a full regular grid")
-        if backend == "fused" and nbhd.query_rows is None:
-            raise ValueError("the fused backend takes clustered tokens (grid and global stages use natten / SDPA)")
+    if backend != "auto" and applies(backend, nbhd):
         return backend
     if nbhd.centres.device.type != "cuda":  # the fast kernels are CUDA kernels
         return "torch"
@@ -489,3 +520,13 @@ class NeighbourhoodAttention(nn.Module):
         # keys instead of gathering zero padding (attend_torch).
         out = _ATTEND[backend](q, torch.cat([v, k, u], -1), nbhd, scale)
         return self.proj(out.reshape(b, n, -1))
+
+
+def set_backend(module: nn.Module, backend: str) -> None:
+    """Every neighbourhood attention inside ``module`` prefers ``backend`` (``resolve_backend``
+    says where it applies)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    for m in module.modules():
+        if isinstance(m, NeighbourhoodAttention):
+            m.backend = backend

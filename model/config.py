@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from .attention import BACKENDS
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -56,11 +58,15 @@ class EncoderConfig:
     centre_embedding: bool = False
     unet: bool = True  # Table 5 "No U-Net": no descending path
     drop_path: float = 0.1
+    # auto, torch, natten, xformers or fused (model/attention.py): a preference that each stage
+    # takes where its kernel applies; the segmentor's pixel decoder follows it too
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.score_cells not in (1, 2, 4):
             raise ValueError(f"score_cells must be 1, 2 or 4, got {self.score_cells}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention_backend!r}; choose one of {BACKENDS}")
         if self.stage1_attention not in ("global", "window"):
             raise ValueError(f"stage1_attention must be 'global' or 'window', got {self.stage1_attention!r}")
         for d in self.dims:

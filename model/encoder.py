@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import (Neighbourhood, NeighbourhoodAttention, cluster_neighbourhood,
-                        global_neighbourhood, grid_neighbourhood, keys_need_mask)
+                        global_neighbourhood, grid_neighbourhood, keys_need_mask, set_backend)
 from .config import EncoderConfig, encoder_config
 from .ratios import RatioPolicy
 from .tokens import STAGE_PATCH_SIZES, TokenSet, grid_centres
@@ -103,15 +103,10 @@ class DUPSEncoder(nn.Module):
             self.widen_down = nn.ModuleList(projection(d[i + 1], d[i]) for i in range(3))
         self.out_norms = nn.ModuleList(nn.LayerNorm(d[i]) for i in range(4))
         self.ratio_policy = RatioPolicy()
-        self.set_attention_backend(cfg.attention_backend)
+        set_backend(self, cfg.attention_backend)
         self.apply(_init_weights)
         for block in self.upsample:
             block.init_score_output()
-
-    def set_attention_backend(self, backend: str) -> None:
-        for m in self.modules():
-            if isinstance(m, NeighbourhoodAttention):
-                m.backend = backend
 
     def check_images(self, images: Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:

@@ -149,6 +149,8 @@ class _FusedClusterAttention(torch.autograd.Function):
 def attend_fused(q: Tensor, kv: Tensor, nbhd, scale: float) -> Tensor:
     """``attention.attend_torch``'s numbers without its gathers: ``q`` (B, N, h, dq), ``kv``
     (B, N, h, dv + dq) packed ``[values | keys]`` -> (B, N, h, dv). Cluster mode only."""
+    if triton is None:
+        raise ImportError("the fused attention backend needs Triton (it ships with CUDA torch)")
     if nbhd.query_rows is None:
         raise ValueError("the fused kernel takes cluster neighbourhoods (grid mode has natten)")
     b, n, h, dq = q.shape

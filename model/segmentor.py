@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .config import decoder_config, encoder_config
 from .decoder import MaskedTransformerDecoder, PointPixelDecoder, Prediction
+from .attention import set_backend
 from .encoder import DUPSEncoder
 from .ratios import RatioPolicy
 from .upsampling import UpsampleRecord, eq1_painters
@@ -76,6 +77,7 @@ class DUPSSegmentor(nn.Module):
             d.centre_embedding, d.fuse_coarse, d.pixel_data, d.pixel_data_hidden)
         self.decoder = MaskedTransformerDecoder(num_classes, d.dim, d.queries, d.layers,
                                                 d.heads, d.ffn, d.mask_dim)
+        set_backend(self.pixel_decoder, encoder.cfg.attention_backend)  # one setting for the model
 
     def forward(self, images: Tensor, policy: RatioPolicy | None = None,
                 oracle_maps: dict[int, Tensor] | None = None, eq1_masks: bool = False) -> SegmentationOutput:

@@ -256,13 +256,17 @@ def test_bias_parameters_learn(attn):
 
 
 def test_unknown_backend_is_a_clear_error(attn):
+    from model.config import encoder_config
+    from model.attention import resolve_backend
+
     x, centres = grid_inputs(4, 4)
     attn.backend = "flash9000"
     with pytest.raises(ValueError, match="unknown attention backend 'flash9000'"):
         attn(x, grid_neighbourhood(centres, 4, 4, 32.0, 3))
-    attn.backend = "natten"
-    with pytest.raises(ValueError, match="full regular grid"):
-        attn(x, cluster_neighbourhood(centres, 32.0, 4, 8))
+    with pytest.raises(ValueError, match="unknown attention backend 'flash9000'"):
+        encoder_config("dups_demo", attention_backend="flash9000")
+    # natten is a preference for grids: a cluster takes what auto takes (here the reference)
+    assert resolve_backend("natten", cluster_neighbourhood(centres, 32.0, 4, 8)) == "torch"
 
 
 def test_hilbert_table_lookup_equals_direct_codes():

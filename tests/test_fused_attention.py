@@ -33,12 +33,49 @@ def test_fused_kernel_equals_the_reference_forward_and_backward(n, keys):
         torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
 
 
-def test_fused_backend_refuses_grid_neighbourhoods():
-    from model.attention import grid_neighbourhood
+def test_a_fused_preference_runs_where_the_kernel_applies(monkeypatch):
+    """A named backend is a model-wide preference: grids and a global stage's one group of every
+    token (over the kernel's tile) take what ``auto`` would, clusters take the kernel."""
+    from model.attention import FUSED_MAX_QUERIES, global_neighbourhood, grid_neighbourhood, resolve_backend
 
-    ys, xs = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
-    centres = (torch.stack([xs, ys], -1).reshape(1, 16, 2).float() * 32 + 16)
-    attn = NeighbourhoodAttention(dim=32, heads=1)
-    attn.backend = "fused"
-    with pytest.raises(ValueError, match="fused backend takes clustered tokens"):
-        attn(torch.randn(1, 16, 32), grid_neighbourhood(centres, 4, 4, 32.0, kernel=3))
+    ys, xs = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    centres = (torch.stack([xs, ys], -1).reshape(1, 64, 2).float() * 32 + 16)
+    assert 64 > FUSED_MAX_QUERIES
+    assert resolve_backend("fused", grid_neighbourhood(centres, 8, 8, 32.0, kernel=3)) == "torch"
+    assert resolve_backend("fused", global_neighbourhood(centres, 32.0)) == "torch"
+    assert resolve_backend("fused", global_neighbourhood(centres[:, :16], 32.0)) == "fused"
+    assert resolve_backend("fused", cluster_neighbourhood(centres, 32.0, 8, 48)) == "fused"
+    with pytest.raises(ValueError, match="unknown attention backend 'flash9000'"):
+        resolve_backend("flash9000", global_neighbourhood(centres, 32.0))
+    if DEVICE == "cpu":  # outside Triton's interpreter a CPU cannot run the kernel
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert resolve_backend("fused", cluster_neighbourhood(centres, 32.0, 8, 48)) == "torch"
+
+
+@torch.no_grad()
+def test_the_whole_segmentor_runs_with_the_fused_preference(monkeypatch):
+    """``model.encoder.attention_backend=fused`` reaches the pixel decoder too; stage 1's global
+    attention (36 tokens at 192 x 192, over the kernel's tile) stays on SDPA; the answer equals
+    the reference backend's."""
+    import model.attention as attention
+    from model import RatioPolicy
+    from model.segmentor import build_segmentor
+
+    ran = []
+    for name, fn in list(attention._ATTEND.items()):
+        monkeypatch.setitem(attention._ATTEND, name, lambda *a, _fn=fn, _name=name: ran.append(_name) or _fn(*a))
+    torch.manual_seed(0)
+    fused = build_segmentor("dups_demo", 5, encoder={"attention_backend": "fused"}).eval().to(DEVICE)
+    reference = build_segmentor("dups_demo", 5, encoder={"attention_backend": "torch"}).eval().to(DEVICE)
+    reference.load_state_dict(fused.state_dict())
+    images = torch.randn(1, 3, 192, 192, device=DEVICE)
+    policy = RatioPolicy.from_preset("fixed", "ade20k")
+    got = fused(images, policy).final
+    calls, ran[:] = list(ran), []
+    want = reference(images, policy).final
+    encoder_calls = sum(len(s) for s in fused.encoder.left) + sum(len(s) for s in fused.encoder.right)
+    assert calls.count("torch") == 2  # stage 1's block on both sides of the U
+    assert calls.count("fused") == len(calls) - 2 > encoder_calls - 2  # the pixel decoder's layers too
+    assert set(ran) == {"torch"}
+    torch.testing.assert_close(got.masks, want.masks, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
