@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, time_ms  # noqa: E402
 from model.attention import (BIAS_DIRECTIONS, BIAS_WAVELENGTHS, NeighbourhoodAttention,  # noqa: E402
-                             _groups, cluster_neighbourhood, grid_neighbourhood,
+                             _groups, attend_fused, attend_torch, cluster_neighbourhood, grid_neighbourhood,
                              natten_fast_available, values_padded_on, xformers_available)
 from model.encoder import Block  # noqa: E402
 from model.fused_attention import available as fused_available  # noqa: E402
@@ -109,6 +109,14 @@ def main() -> None:
             t_tb, t_fb = run(lambda: step("torch")), run(lambda: step("fused"))
         line += f"; forward + backward torch {t_tb:.2f} ms, fused {t_fb:.2f} ms ({t_tb / t_fb:.2f}x)"
         attn.backend = "torch"
+        # the measure: the attention alone (gathers + SDPA + output gather against the kernel)
+        heads, dq = args.dim // 32, 32 + 2 * len(BIAS_WAVELENGTHS) * BIAS_DIRECTIONS
+        q = torch.randn(1, n, heads, dq, device=device, dtype=dtype)
+        kv = torch.randn(1, n, heads, dq + 32, device=device, dtype=dtype)
+        t_core = run(lambda: attend_torch(q, kv, nbhd, dq ** -0.5))
+        t_core_f = run(lambda: attend_fused(q, kv, nbhd, dq ** -0.5))
+        line += (f"; the attention alone (no projections): gathers + SDPA {t_core:.2f} ms, fused kernel "
+                 f"{t_core_f:.2f} ms ({t_core / t_core_f:.2f}x)")
     else:
         line += ", fused (Triton): CUDA only (not measured)"
     print(line)
