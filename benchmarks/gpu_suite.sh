@@ -35,4 +35,5 @@ if [ "${1:-}" != quick ]; then
     step 240 benchmarks/memory.py --bf16
     step 150 benchmarks/packed.py --bf16 --batch 8 --repeats 10
     step 150 benchmarks/packed.py --bf16 --batch 8 --repeats 10 --bucket 0.1
+    step 420 benchmarks/packed.py --bf16 --batch 8 --repeats 10 --bucket 0.1 --compile reduce-overhead
 fi

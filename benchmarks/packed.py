@@ -7,6 +7,10 @@ preset's tau), so they differ from image to image as a trained head's do, with n
 
     .venv/bin/python benchmarks/packed.py --model dups_tiny --size 512 --batch 8 [--bucket 0.1]
 
+``--compile [MODE]`` runs both through ``torch.compile`` (static shapes, nested graph breaks on:
+one graph per block's budget read, four per forward; one by one then uses the bucket too, so
+that it meets few shapes), the seconds of the first calls printed.
+
 ``--shapes N`` instead counts, over N scenes run one at a time, how many distinct shapes the
 forward meets (one per combination of the three blocks' padded budgets: each is a graph to
 compile or capture) with each bucket, and the padding that buys it.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +45,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
     ap.add_argument("--shapes", type=int, default=0, help="count forward shapes over N scenes instead")
+    ap.add_argument("--compile", nargs="?", const="default", default=None,
+                    choices=["default", "reduce-overhead", "max-autotune"], help="torch.compile both runs")
     ap.add_argument("--backend", default="auto", help="attention backend preference (model/attention.py): "
                     "auto, torch, xformers, natten or fused")
     args = ap.parse_args()
@@ -54,22 +61,28 @@ def main() -> None:
     if args.bf16:
         model.to(torch.bfloat16)
         images = images.to(torch.bfloat16)
-    alone = RatioPolicy.from_preset("per_image", args.preset)
+    alone = RatioPolicy.from_preset("per_image", args.preset, bucket=args.bucket if args.compile else 0.0)
     packed = RatioPolicy.from_preset("per_image", args.preset, bucket=args.bucket)
     size = images.shape[-2:]
+    forward = torch.compile(model, mode=args.compile, dynamic=False) if args.compile else model
 
     def one_by_one():
-        return torch.cat([semantic_probabilities(model(images[i:i + 1], alone, {p: m[i:i + 1] for p, m in
+        return torch.cat([semantic_probabilities(forward(images[i:i + 1], alone, {p: m[i:i + 1] for p, m in
                                                                                maps.items()}).final, size)
                           for i in range(len(images))])
 
     def together():
-        out = model(images, packed, maps)
+        out = forward(images, packed, maps)
         together.records = out.records
         return semantic_probabilities(out.final, size)
 
-    with torch.no_grad():
+    nested = getattr(torch._dynamo.config, "nested_graph_breaks", None) is not None
+    with torch.no_grad(), torch._dynamo.config.patch(**({"nested_graph_breaks": True} if nested else {})):
+        start = time.perf_counter()
         diff = float((one_by_one().float() - together().float()).abs().max())
+        if args.compile:
+            print(f"compiled ({args.compile}, nested graph breaks {'on' if nested else 'unavailable'}): "
+                  f"first calls {time.perf_counter() - start:.0f} s")
         times = {name: [time_ms(fn, device) for _ in range(args.repeats)]
                  for name, fn in (("one by one", one_by_one), ("packed", together))}
     rows = sum(r.selected.numel() for r in together.records)

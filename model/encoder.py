@@ -136,29 +136,16 @@ class DUPSEncoder(nn.Module):
         nbhds: list[Neighbourhood] = []
         left_out: list[Tensor] = []
         records: list[UpsampleRecord] = []
-        mask_keys = keys_need_mask(h, w, self.cfg.nbhd_size)
         cells = None
         if self.pixel_spread is not None and not policy.random_selection:
             cells = self.pixel_spread(images)
-        for i in range(4):
-            if i > 0:
-                oracle = oracle_maps.get(STAGE_PATCH_SIZES[i - 1]) if oracle_maps else None
-                spread = None if cells is None else self.pixel_spread.spread(cells, STAGE_PATCH_SIZES[i - 1])
-                tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle, spread)
-                records.append(rec)
-                tokens = tokens.with_features(self.widen_up[i - 1](tokens.features))
-            if i == 0 and self.cfg.stage1_attention == "global":
-                nbhd = global_neighbourhood(tokens.centres, 32.0)
-            elif i == 0:
-                nbhd = grid_neighbourhood(tokens.centres, h // 32, w // 32, 32.0,
-                                          self.cfg.grid_kernel)
-            else:
-                nbhd = cluster_neighbourhood(tokens.centres, float(STAGE_PATCH_SIZES[i]),
-                                             self.cfg.cluster_size, self.cfg.nbhd_size, (h, w),
-                                             valid=tokens.valid, mask_keys=mask_keys)
-            tokens = tokens.with_features(self.left[i](tokens.features, nbhd))
-            nbhds.append(nbhd)
-            left_out.append(tokens.features)
+        ascend = (images, policy, oracle_maps, cells, nbhds, left_out, records)
+        # Written out, not a loop: torch.compile resumes after eq. 1's host read (one per
+        # upsampling block) only where no loop encloses it; in a loop it runs this whole frame eagerly.
+        tokens = self._ascend(0, tokens, *ascend)
+        tokens = self._ascend(1, tokens, *ascend)
+        tokens = self._ascend(2, tokens, *ascend)
+        tokens = self._ascend(3, tokens, *ascend)
         levels = [self._level(3, tokens, tokens.features)]
         x = tokens.features
         for i in (2, 1, 0):
@@ -170,6 +157,31 @@ class DUPSEncoder(nn.Module):
                 x = left_out[i]
             levels.append(self._level(i, tokens, x))
         return EncoderOutput(levels=levels, tokens=tokens, records=records)
+
+    def _ascend(self, i: int, tokens: TokenSet, images: Tensor, policy: RatioPolicy,
+                oracle_maps: dict[int, Tensor] | None, cells: Tensor | None, nbhds: list[Neighbourhood],
+                left_out: list[Tensor], records: list[UpsampleRecord]) -> TokenSet:
+        """Stage ``i + 1`` of the left path (after upsampling block ``i``, for ``i > 0``); appends
+        its neighbourhood, output and upsampling record to the lists."""
+        h, w = images.shape[-2:]
+        if i > 0:
+            oracle = oracle_maps.get(STAGE_PATCH_SIZES[i - 1]) if oracle_maps else None
+            spread = None if cells is None else self.pixel_spread.spread(cells, STAGE_PATCH_SIZES[i - 1])
+            tokens, rec = self.upsample[i - 1](tokens, images, policy, i - 1, oracle, spread)
+            records.append(rec)
+            tokens = tokens.with_features(self.widen_up[i - 1](tokens.features))
+        if i == 0 and self.cfg.stage1_attention == "global":
+            nbhd = global_neighbourhood(tokens.centres, 32.0)
+        elif i == 0:
+            nbhd = grid_neighbourhood(tokens.centres, h // 32, w // 32, 32.0, self.cfg.grid_kernel)
+        else:
+            nbhd = cluster_neighbourhood(tokens.centres, float(STAGE_PATCH_SIZES[i]), self.cfg.cluster_size,
+                                         self.cfg.nbhd_size, (h, w), valid=tokens.valid,
+                                         mask_keys=keys_need_mask(h, w, self.cfg.nbhd_size))
+        tokens = tokens.with_features(self.left[i](tokens.features, nbhd))
+        nbhds.append(nbhd)
+        left_out.append(tokens.features)
+        return tokens
 
     def _level(self, stage: int, tokens: TokenSet, x: Tensor) -> Level:
         rows = tokens.stage_rows(stage)

@@ -13,6 +13,7 @@ from .decoder import MaskedTransformerDecoder, PointPixelDecoder, Prediction
 from .attention import set_backend
 from .encoder import DUPSEncoder
 from .ratios import RatioPolicy
+from .tokens import real_counts
 from .upsampling import UpsampleRecord, eq1_painters
 
 # The ImageNet statistics every DUPS model is trained with (RGB, 0..255), as mmsegmentation.
@@ -41,11 +42,18 @@ def to_input(image) -> Tensor:
 class SegmentationOutput:
     predictions: list[Prediction]  # deep supervision; the last one is the model's answer
     records: list[UpsampleRecord]  # what each upsampling block scored and chose
-    tokens_per_stage: list[int]
+    token_offsets: list[int]  # the stages' prefix sizes in the final token set
+    token_valid: Tensor | None = None  # (B, N) its real rows, for a packed batch
 
     @property
     def final(self) -> Prediction:
         return self.predictions[-1]
+
+    @property
+    def tokens_per_stage(self) -> list[int | float]:
+        """Real tokens per stage (a packed batch's mean): read from the device when asked, so
+        the forward itself has no host read for it."""
+        return real_counts(self.token_offsets, self.token_valid)
 
 
 def semantic_probabilities(pred: Prediction, size: tuple[int, int]) -> Tensor:
@@ -92,7 +100,7 @@ class DUPSSegmentor(nn.Module):
             paint = eq1_painters(enc.records, policy.tau)
         pix = self.pixel_decoder(enc.levels, h, w, images, paint)
         preds = self.decoder(pix.maps, pix.mask_features)
-        return SegmentationOutput(preds, enc.records, enc.tokens_per_stage)
+        return SegmentationOutput(preds, enc.records, enc.tokens.offsets, enc.tokens.valid)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> DUPSSegmentor:

@@ -84,11 +84,16 @@ class TokenSet:
         )
 
     def real_counts(self) -> list[int | float]:
-        """Real tokens at each stage (the prefix sizes), averaged over the batch when padded."""
-        if self.valid is None:
-            return list(self.offsets)
-        means = [float(self.valid[:, :end].sum(1).float().mean()) for end in self.offsets]
-        return [int(m) if m.is_integer() else m for m in means]
+        return real_counts(self.offsets, self.valid)
+
+
+def real_counts(offsets: list[int], valid: Tensor | None) -> list[int | float]:
+    """Real tokens at each stage (the prefix sizes ``offsets``), averaged over the batch when
+    ``valid`` marks a packed batch's padding: host reads, so made when asked, not in a forward."""
+    if valid is None:
+        return list(offsets)
+    means = [float(valid[:, :end].sum(1).float().mean()) for end in offsets]
+    return [int(m) if m.is_integer() else m for m in means]
 
 
 def all_valid(features: Tensor) -> Tensor:

@@ -70,3 +70,25 @@ def test_compiled_forward_equals_eager(model):
         want, got = model(images, policy).final, compiled(images, policy).final
     torch.testing.assert_close(got.masks, want.masks, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "nested_graph_breaks"), reason="torch without nested graph breaks")
+def test_eq1_compiles_into_a_graph_per_budget_read(model):
+    """Eq. 1 reads each upsampling block's padded budget on the host once (the shapes depend
+    on it): with nested graph breaks the forward is four graphs, cut only at those three reads
+    (a loop around them, or a host read for the token counts, would run whole frames eagerly:
+    21 graphs), and the compiled packed batch gives the eager answer."""
+    images = torch.randn(2, 3, 256, 256)
+    policy = RatioPolicy.from_preset("per_image", "ade20k", bucket=0.1)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(nested_graph_breaks=True):
+        explained = torch._dynamo.explain(model)(images, policy)
+        sites = {(r.user_stack[-1].filename.rsplit("/", 1)[-1], r.user_stack[-1].name) for r in explained.break_reasons}
+        assert (explained.graph_count, explained.graph_break_count) == (4, 3), sites
+        assert sites == {("ratios.py", "padded_budget")}
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+        got, want = compiled(images, policy), model(images, policy)
+    assert got.tokens_per_stage == want.tokens_per_stage
+    torch.testing.assert_close(got.final.masks, want.final.masks, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.final.logits, want.final.logits, rtol=1e-4, atol=1e-4)
