@@ -6,7 +6,9 @@ and writes each output row back in row order.
 Numbers are those of ``attention.attend_torch`` (the reference and the CPU path): the same
 packed ``[values | keys + bias channels]`` layout, the same groups. Backward recomputes the
 probabilities per group and scatters key and value gradients with atomic adds (a key belongs
-to several groups). Tested on the CPU with Triton's interpreter (``TRITON_INTERPRET=1``).
+to several groups). Both are custom ops (``dups::cluster_attention`` and its backward), so
+torch.compile and CUDA graphs take each as one call. Tested on the CPU with Triton's
+interpreter (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -119,31 +121,60 @@ def _launch_shape(q: Tensor, kv: Tensor, query_rows: Tensor, key_rows: Tensor, g
     return heads, dq, dv, m, k, blocks
 
 
-class _FusedClusterAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, kv, query_rows, key_rows, groups, scale):
-        heads, dq, dv, m, k, blocks = _launch_shape(q, kv, query_rows, key_rows, groups)
-        out = q.new_empty(q.shape[0], heads, dv)
-        lse = torch.empty(groups * heads * blocks["BLOCK_M"], device=q.device, dtype=torch.float32)
-        _forward[(groups, heads)](q, kv, out, lse, query_rows, key_rows, scale, heads, dq, dv, m, k,
-                                  q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
-                                  out.stride(0), out.stride(1), **blocks)
-        ctx.save_for_backward(q, kv, out, lse, query_rows, key_rows)
-        ctx.groups, ctx.scale = groups, scale
-        return out
+# Custom ops, so that torch.compile and CUDA graphs take each kernel as one opaque call with a
+# known output shape instead of tracing into the Triton launch.
+@torch.library.custom_op("dups::cluster_attention", mutates_args=())
+def cluster_attention(q: Tensor, kv: Tensor, query_rows: Tensor, key_rows: Tensor, groups: int,
+                      scale: float) -> tuple[Tensor, Tensor]:
+    """Rows ``q`` (R, h, dq), ``kv`` (R, h, dv + dq) -> the output (R, h, dv) and each group's
+    log-sum-exp (kept for the backward)."""
+    heads, dq, dv, m, k, blocks = _launch_shape(q, kv, query_rows, key_rows, groups)
+    out = q.new_empty(q.shape[0], heads, dv)
+    lse = torch.empty(groups * heads * blocks["BLOCK_M"], device=q.device, dtype=torch.float32)
+    _forward[(groups, heads)](q, kv, out, lse, query_rows, key_rows, scale, heads, dq, dv, m, k,
+                              q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
+                              out.stride(0), out.stride(1), **blocks)
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, kv, out, lse, query_rows, key_rows = ctx.saved_tensors
-        heads, dq, dv, m, k, blocks = _launch_shape(q, kv, query_rows, key_rows, ctx.groups)
-        dout = dout.contiguous()
-        delta = (dout.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), (rows, heads)
-        dq_ = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        dkv = torch.zeros(kv.shape, device=kv.device, dtype=torch.float32)
-        _backward[(ctx.groups, heads)](q, kv, dout, delta, lse, dq_, dkv, query_rows, key_rows, ctx.scale,
-                                       heads, dq, dv, m, k, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
-                                       dout.stride(0), dout.stride(1), **blocks)
-        return dq_.to(q.dtype), dkv.to(kv.dtype), None, None, None, None
+
+@cluster_attention.register_fake
+def _(q, kv, query_rows, key_rows, groups, scale):
+    heads, dq, dv, m, k, blocks = _launch_shape(q, kv, query_rows, key_rows, groups)
+    return q.new_empty(q.shape[0], heads, dv), q.new_empty(groups * heads * blocks["BLOCK_M"], dtype=torch.float32)
+
+
+@torch.library.custom_op("dups::cluster_attention_backward", mutates_args=())
+def cluster_attention_backward(dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, query_rows: Tensor,
+                               key_rows: Tensor, groups: int, scale: float) -> tuple[Tensor, Tensor]:
+    heads, dq, dv, m, k, blocks = _launch_shape(q, kv, query_rows, key_rows, groups)
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), (rows, heads)
+    dq_ = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dkv = torch.zeros(kv.shape, device=kv.device, dtype=torch.float32)
+    _backward[(groups, heads)](q, kv, dout, delta, lse, dq_, dkv, query_rows, key_rows, scale,
+                               heads, dq, dv, m, k, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
+                               dout.stride(0), dout.stride(1), **blocks)
+    return dq_.to(q.dtype), dkv.to(kv.dtype)
+
+
+@cluster_attention_backward.register_fake
+def _(dout, q, kv, out, lse, query_rows, key_rows, groups, scale):
+    return torch.empty_like(q), torch.empty_like(kv)
+
+
+def _save(ctx, inputs, output):
+    q, kv, query_rows, key_rows, groups, scale = inputs
+    ctx.save_for_backward(q, kv, output[0], output[1], query_rows, key_rows)
+    ctx.groups, ctx.scale = groups, scale
+
+
+def _gradients(ctx, dout, _dlse):
+    q, kv, out, lse, query_rows, key_rows = ctx.saved_tensors
+    dq, dkv = cluster_attention_backward(dout, q, kv, out, lse, query_rows, key_rows, ctx.groups, ctx.scale)
+    return dq, dkv, None, None, None, None
+
+
+cluster_attention.register_autograd(_gradients, setup_context=_save)
 
 
 def attend_fused(q: Tensor, kv: Tensor, nbhd, scale: float) -> Tensor:
@@ -154,8 +185,6 @@ def attend_fused(q: Tensor, kv: Tensor, nbhd, scale: float) -> Tensor:
     if nbhd.query_rows is None:
         raise ValueError("the fused kernel takes cluster neighbourhoods (grid mode has natten)")
     b, n, h, dq = q.shape
-    out = _FusedClusterAttention.apply(q.reshape(b * n, h, dq).contiguous(),
-                                       kv.reshape(b * n, h, -1).contiguous(),
-                                       nbhd.query_rows.contiguous(), nbhd.key_rows.contiguous(),
-                                       b * nbhd.groups, scale)
+    out, _ = cluster_attention(q.reshape(b * n, h, dq).contiguous(), kv.reshape(b * n, h, -1).contiguous(),
+                               nbhd.query_rows.contiguous(), nbhd.key_rows.contiguous(), b * nbhd.groups, scale)
     return out.view(b, n, h, -1)

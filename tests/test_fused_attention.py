@@ -79,3 +79,19 @@ def test_the_whole_segmentor_runs_with_the_fused_preference(monkeypatch):
     assert set(ran) == {"torch"}
     torch.testing.assert_close(got.masks, want.masks, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fused_kernel_is_one_opaque_op_to_the_compiler():
+    """torch.compile (and so CUDA graphs) sees each kernel as one custom op with a known output
+    shape: a fixed-beta forward with the fused preference is still one graph, backward included."""
+    from model import RatioPolicy
+    from model.segmentor import build_segmentor
+
+    torch.manual_seed(0)
+    model = build_segmentor("dups_demo", 5, encoder={"attention_backend": "fused"}).to(DEVICE)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(torch.randn(1, 3, 128, 128, device=DEVICE),
+                                              RatioPolicy.from_preset("fixed", "ade20k"))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    targets = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
+    assert targets.count("dups.cluster_attention.default") >= 6
