@@ -39,7 +39,7 @@ def test_a_fused_preference_runs_where_the_kernel_applies(monkeypatch):
     from model.attention import FUSED_MAX_QUERIES, global_neighbourhood, grid_neighbourhood, resolve_backend
 
     ys, xs = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
-    centres = (torch.stack([xs, ys], -1).reshape(1, 64, 2).float() * 32 + 16)
+    centres = (torch.stack([xs, ys], -1).reshape(1, 64, 2).float() * 32 + 16).to(DEVICE)
     assert 64 > FUSED_MAX_QUERIES
     assert resolve_backend("fused", grid_neighbourhood(centres, 8, 8, 32.0, kernel=3)) == "torch"
     assert resolve_backend("fused", global_neighbourhood(centres, 32.0)) == "torch"
