@@ -3,7 +3,12 @@ allocated memory over 20 steps (counter reset and device synchronised each step)
 for batch 1/2/4/8; DUPS-Tiny with dynamic ratios (Cityscapes presets) and with full upsampling,
 side by side. GPU only (``--device cpu --size 128 --steps 2`` only checks that it runs).
 
-    .venv/bin/python benchmarks/memory.py [--batches 1 2 4 8] [--bf16]
+    .venv/bin/python benchmarks/memory.py [--batches 1 2 4 8] [--bf16] [--backend auto]
+
+``--saved-by torch fused`` instead counts, on any device, the bytes autograd keeps for the
+backward pass of one training forward (each storage once, parameters left out: the
+activations that set training's peak), full upsampling and fixed beta, with each attention backend side by side: the fused
+kernel keeps no gathered copies of the keys and values.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name  # noqa: E402
 from model import RatioPolicy  # noqa: E402
+from model.attention import set_backend  # noqa: E402
 from model.criterion import SegmentationCriterion  # noqa: E402
 from model.segmentor import build_segmentor  # noqa: E402
 
@@ -54,6 +60,42 @@ def measure(model, policy, batch, size, steps, warmup, device, bf16) -> tuple[fl
     return (max(peaks), sum(peaks) / len(peaks)) if peaks else (float("nan"), float("nan"))
 
 
+def saved_for_backward(model, policy, batch, size, device, bf16) -> float:
+    """GiB of the tensors autograd saves in one training forward + loss (each storage once; the
+    parameters themselves, which training holds anyway, left out)."""
+    crit = SegmentationCriterion(19).to(device)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = labels_with_masks(batch, size, 6, device)
+    storages: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+            torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        out = model(images, policy)
+        crit(out.predictions, labels, out.records)["loss"]
+    return sum(storages.values()) / 2**30
+
+
+def compare_saved(args, device) -> None:
+    print(f"{args.size}x{args.size}, batch {args.batches[0]}, {device_name(device)}, "
+          f"{'bf16' if args.bf16 else 'fp32'}; GiB of activations saved for the backward pass of one training forward")
+    torch.manual_seed(0)
+    model = build_segmentor("dups_tiny", 19).to(device).train()
+    for name, policy in (("full", RatioPolicy("full")), ("fixed beta", RatioPolicy.from_preset("fixed", "cityscapes"))):
+        saved = {}
+        for backend in args.saved_by:
+            set_backend(model, backend)
+            saved[backend] = saved_for_backward(model, policy, args.batches[0], args.size, device, args.bf16)
+        first = args.saved_by[0]
+        print(f"{name:>11}: " + ", ".join(f"{b} {g:.3f} ({g / saved[first]:.2f}x {first})" for b, g in saved.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1024)
@@ -64,8 +106,12 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", help="attention backend preference (model/attention.py): "
                     "auto, torch, xformers, natten or fused")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--saved-by", nargs="+", default=None, metavar="BACKEND",
+                    help="count the bytes saved for backward with each attention backend instead")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.saved_by:
+        return compare_saved(args, device)
     if device.type != "cuda":
         print("peak allocated memory is a CUDA measurement: run this on a GPU (CPU run checks the code only)")
     print(f"{args.size}x{args.size}, {device_name(device)}, "

@@ -142,3 +142,25 @@ def test_packed_matches_one_by_one_and_counts_shapes():
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [r[0] for r in rows] == ["0", "0.05", "0.1", "0.25"]
     assert int(rows[0][1]) >= int(rows[-1][1]) >= 1 and rows[0][2] == "0.0%"
+
+
+@pytest.mark.timeout(320)
+def test_peer_benchmark_runs_the_fused_kernel_beside_the_reference():
+    # on a CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1)
+    out = run_script("benchmarks/peer.py", "--image-size", "64", "--repeats", "1", "--models", "fixed", "fused")
+    gap = next(line for line in out.splitlines() if line.startswith("fused kernel against the reference"))
+    assert float(gap.rsplit(" ", 1)[1]) < 1e-4
+    rows = {line[:24].strip(): line[24:].split() for line in out.splitlines() if line.startswith("DUPS")}
+    assert list(rows) == ["DUPS-Tiny fixed beta", "DUPS-Tiny fixed, fused"]
+    assert rows["DUPS-Tiny fixed beta"][:2] == rows["DUPS-Tiny fixed, fused"][:2]  # parameters, GFLOPs
+
+
+@pytest.mark.timeout(320)
+def test_memory_counts_what_each_backend_saves_for_backward():
+    out = run_script("benchmarks/memory.py", "--device", "cpu", "--size", "128", "--batches", "1",
+                     "--saved-by", "torch", "fused")
+    rows = {line.split(":")[0].strip(): line.split(":")[1] for line in out.splitlines() if ": torch " in line}
+    assert list(rows) == ["full", "fixed beta"]
+    for name, text in rows.items():
+        torch_gib, fused_gib = (float(part.split()[1]) for part in text.split(", "))
+        assert 0 < fused_gib < torch_gib, name  # no gathered key/value copies kept for the backward
