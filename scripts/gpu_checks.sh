@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# A lent GPU's checks, sized to a short lease (about 15 minutes of device time, 1-2 of them the
+# A lent GPU's checks, sized to a short loan (about 15 minutes of device time, 1-2 of them the
 # machine's start): parts of under 6 minutes each, in the order they matter, each step bounded
-# in time and logged to $OUT/visit-PART.log (or ./visit-PART.log), so a cut-off run still says
-# what it measured. The full benchmark set is benchmarks/gpu_suite.sh (about 40 minutes).
+# in time and logged to $OUT/gpu-checks-PART.log (or ./gpu-checks-PART.log), so a cut-off run
+# still says what it measured. The full benchmark set is benchmarks/gpu_suite.sh (~40 minutes).
 #
-#   bash scripts/gpu_wheels.sh                 # here, once: .gpu-wheels/ (DeepSpeed, webdataset)
-#   bash scripts/gpu_visit.sh rehearsal        # there, carrying .gpu-wheels: the fused kernel's
-#                                              # tests natively, then the production path
-#   bash scripts/gpu_visit.sh latency          # there: the fused kernel against gather + SDPA,
-#                                              # DUPS-Tiny against the peer (graphed), memory
-#   bash scripts/gpu_visit.sh compiled         # there, if minutes are left: both compiled
+#   bash scripts/gpu_wheels.sh             # here, once: .gpu-wheels/ (DeepSpeed, webdataset)
+#   bash scripts/gpu_checks.sh rehearsal   # there, carrying .gpu-wheels: the fused kernel's
+#                                          # tests natively, then the production path
+#   bash scripts/gpu_checks.sh latency     # there: the fused kernel against gather + SDPA,
+#                                          # DUPS-Tiny against the peer (graphed), memory
+#   bash scripts/gpu_checks.sh compiled    # there, if minutes are left: both compiled
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_visit.sh rehearsal|latency|compiled}
+part=${1:?usage: gpu_checks.sh rehearsal|latency|compiled}
 py=${PYTHON:-python3}
-log=${OUT:-.}/visit-$part.log
+log=${OUT:-.}/gpu-checks-$part.log
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore RAY_AUTH_MODE=disabled
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//9.0a/9.0}"; fi
 step() {  # step SECONDS COMMAND...: one bounded step, its output in the log
