@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    ap.add_argument("--models", nargs="+", choices=["peer", "fixed", "full", "fused"], default=["peer", "fixed", "full"],
+    ap.add_argument("--models", nargs="+", choices=["peer", "fixed", "full", "fused"],
+                    default=["peer", "fixed", "full"],
                     help="fused: fixed beta with the clustered attention in the Triton kernel (CUDA)")
     ap.add_argument("--compile", action="store_true", help="profile inductor-compiled models (GPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -7,8 +7,8 @@ side by side. GPU only (``--device cpu --size 128 --steps 2`` only checks that i
 
 ``--saved-by torch fused`` instead counts, on any device, the bytes autograd keeps for the
 backward pass of one training forward (each storage once, parameters left out: the
-activations that set training's peak), full upsampling and fixed beta, with each attention backend side by side: the fused
-kernel keeps no gathered copies of the keys and values.
+activations that set training's peak), full upsampling and fixed beta, with each attention
+backend side by side: the fused kernel keeps no gathered copies of the keys and values.
 """
 from __future__ import annotations
 
@@ -121,7 +121,8 @@ def main() -> None:
         row = []
         for policy in (RatioPolicy.from_preset("dynamic", "cityscapes"), RatioPolicy("full")):
             torch.manual_seed(0)
-            model = build_segmentor("dups_tiny", 19, encoder={"attention_backend": args.backend}).to(device).train()
+            model = build_segmentor("dups_tiny", 19, encoder={"attention_backend": args.backend})
+            model = model.to(device).train()
             try:
                 row.append(measure(model, policy, batch, args.size, args.steps, args.warmup, device, args.bf16))
             except torch.OutOfMemoryError:

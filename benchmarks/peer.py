@@ -68,8 +68,9 @@ def main() -> None:
     image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     peer = swin_t_mask2former(150).eval().to(device)
     dups = build_segmentor("dups_tiny", 150).eval().to(device)
-    fused = copy.deepcopy(dups)
-    set_backend(fused, "fused")
+    fused = copy.deepcopy(dups) if "fused" in args.models else None
+    if fused is not None:
+        set_backend(fused, "fused")
     fixed, full = RatioPolicy.from_preset("fixed", "ade20k"), RatioPolicy("full")
 
     def calls(peer, dups, fused):
@@ -86,8 +87,8 @@ def main() -> None:
     compiled = {}
     if args.compile:
         options = {"mode": args.compile, "dynamic": False}
-        compiled = {name: fn for name, fn in calls(*(torch.compile(m, **options) for m in (peer, dups, fused))).items()
-                    if name in chosen}
+        models = (None if m is None else torch.compile(m, **options) for m in (peer, dups, fused))
+        compiled = {name: fn for name, fn in calls(*models).items() if name in chosen}
 
     if args.cuda_graph:
         if args.compile or device.type != "cuda":
