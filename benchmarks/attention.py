@@ -73,6 +73,10 @@ def main() -> None:
     centres = torch.rand(1, n, 2, device=device) * 512
     x = torch.randn(1, n, args.dim, device=device, dtype=dtype)
     nbhd = cluster_neighbourhood(centres, 4.0, image_size=(512, 512))
+    # one block's attention inputs: queries with the bias channels, packed [values | keys]
+    heads, dq = args.dim // 32, 32 + 2 * len(BIAS_WAVELENGTHS) * BIAS_DIRECTIONS
+    q = torch.randn(1, n, heads, dq, device=device, dtype=dtype)
+    kv = torch.randn(1, n, heads, dq + 32, device=device, dtype=dtype)
     attn.backend = "torch"
     ref = attn(x, nbhd)
     t_ref = run(lambda: attn(x, nbhd))
@@ -109,10 +113,7 @@ def main() -> None:
             t_tb, t_fb = run(lambda: step("torch")), run(lambda: step("fused"))
         line += f"; forward + backward torch {t_tb:.2f} ms, fused {t_fb:.2f} ms ({t_tb / t_fb:.2f}x)"
         attn.backend = "torch"
-        # the measure: the attention alone (gathers + SDPA + output gather against the kernel)
-        heads, dq = args.dim // 32, 32 + 2 * len(BIAS_WAVELENGTHS) * BIAS_DIRECTIONS
-        q = torch.randn(1, n, heads, dq, device=device, dtype=dtype)
-        kv = torch.randn(1, n, heads, dq + 32, device=device, dtype=dtype)
+        # the attention alone: gathers + SDPA + output gather against the kernel
         t_core = run(lambda: attend_torch(q, kv, nbhd, dq ** -0.5))
         t_core_f = run(lambda: attend_fused(q, kv, nbhd, dq ** -0.5))
         line += (f"; the attention alone (no projections): gathers + SDPA {t_core:.2f} ms, fused kernel "
@@ -127,9 +128,6 @@ def main() -> None:
     t_cluster = run(lambda: cluster_neighbourhood(centres, 4.0, image_size=(512, 512)))
     t_exact = run(lambda: cluster_neighbourhood(centres, 4.0, image_size=(512, 512),
                                                 candidate_clusters=n))
-    heads, dq = args.dim // 32, 32 + 2 * len(BIAS_WAVELENGTHS) * BIAS_DIRECTIONS  # + bias channels
-    q = torch.randn(1, n, heads, dq, device=device, dtype=dtype)
-    kv = torch.randn(1, n, heads, dq + 32, device=device, dtype=dtype)
     t_gather = run(lambda: _groups(q, kv, nbhd))
     print(f"3. {n} tokens: one block {t_block:.2f} ms; clustering + two-level kNN {t_cluster:.2f} ms "
           f"(once per stage = {t_cluster / t_block:.2f} blocks; exact search over all tokens "

@@ -1,9 +1,14 @@
-"""Timing and labelling shared by the benchmark scripts."""
+"""Timing, labelling and the attention-backend choice shared by the benchmark scripts."""
 from __future__ import annotations
 
+import argparse
+import copy
 import time
 
 import torch
+from torch import nn
+
+from model.attention import BACKENDS, set_backend
 
 
 def device_name(device: torch.device) -> str:
@@ -46,3 +51,15 @@ def cuda_graphed(fn, autocast_dtype: torch.dtype | None = None):
         graph.replay()
         return out
     return replay
+
+
+def add_backend_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--backend", default="auto", choices=BACKENDS,
+                    help="attention backend preference (model/attention.py)")
+
+
+def with_backend(model: nn.Module, backend: str) -> nn.Module:
+    """A copy of ``model`` (same weights) whose attention prefers ``backend``: the two side by side."""
+    other = copy.deepcopy(model)
+    set_backend(other, backend)
+    return other

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import sys
 import traceback
 from pathlib import Path
@@ -30,10 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import device_name, time_ms  # noqa: E402
+from benchmarks.common import device_name, time_ms, with_backend  # noqa: E402
 from benchmarks.peer import swin_t_mask2former  # noqa: E402
 from model import RatioPolicy  # noqa: E402
-from model.attention import set_backend  # noqa: E402
 from model.segmentor import build_segmentor  # noqa: E402
 
 
@@ -109,9 +107,7 @@ def main() -> None:
     image = torch.randn(1, 3, args.image_size, args.image_size, device=device)
     peer = swin_t_mask2former(150).eval().to(device) if "peer" in args.models else None
     dups = build_segmentor("dups_tiny", 150).eval().to(device)
-    fused = copy.deepcopy(dups) if "fused" in args.models else None
-    if fused is not None:
-        set_backend(fused, "fused")
+    fused = with_backend(dups, "fused") if "fused" in args.models else None
     if args.compile:
         peer = torch.compile(peer, dynamic=False) if peer is not None else None
         dups = torch.compile(dups, dynamic=False)

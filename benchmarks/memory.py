@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name  # noqa: E402
+from benchmarks.common import add_backend_option, device_name  # noqa: E402
 from model import RatioPolicy  # noqa: E402
 from model.attention import set_backend  # noqa: E402
 from model.criterion import SegmentationCriterion  # noqa: E402
@@ -37,11 +37,15 @@ def labels_with_masks(batch: int, size: int, masks: int, device) -> torch.Tensor
     return lab
 
 
-def measure(model, policy, batch, size, steps, warmup, device, bf16) -> tuple[float, float]:
+def training_inputs(batch: int, size: int, device) -> tuple[SegmentationCriterion, torch.Tensor, torch.Tensor]:
+    """The criterion, random images and label maps with 6 masks of one training batch."""
     crit = SegmentationCriterion(19).to(device)
+    return crit, torch.randn(batch, 3, size, size, device=device), labels_with_masks(batch, size, 6, device)
+
+
+def measure(model, policy, batch, size, steps, warmup, device, bf16) -> tuple[float, float]:
+    crit, images, labels = training_inputs(batch, size, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    images = torch.randn(batch, 3, size, size, device=device)
-    labels = labels_with_masks(batch, size, 6, device)
     peaks = []
     for step in range(warmup + steps):
         if device.type == "cuda":
@@ -63,9 +67,7 @@ def measure(model, policy, batch, size, steps, warmup, device, bf16) -> tuple[fl
 def saved_for_backward(model, policy, batch, size, device, bf16) -> float:
     """GiB of the tensors autograd saves in one training forward + loss (each storage once; the
     parameters themselves, which training holds anyway, left out)."""
-    crit = SegmentationCriterion(19).to(device)
-    images = torch.randn(batch, 3, size, size, device=device)
-    labels = labels_with_masks(batch, size, 6, device)
+    crit, images, labels = training_inputs(batch, size, device)
     storages: dict[int, int] = {}
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -103,8 +105,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--backend", default="auto", help="attention backend preference (model/attention.py): "
-                    "auto, torch, xformers, natten or fused")
+    add_backend_option(ap)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--saved-by", nargs="+", default=None, metavar="BACKEND",
                     help="count the bytes saved for backward with each attention backend instead")

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from benchmarks.common import device_name, time_ms  # noqa: E402
+from benchmarks.common import add_backend_option, device_name, time_ms  # noqa: E402
 from model import RatioPolicy  # noqa: E402
 from model.edges import edge_scores  # noqa: E402
 from model.segmentor import build_segmentor, semantic_probabilities  # noqa: E402
@@ -47,8 +47,7 @@ def main() -> None:
     ap.add_argument("--shapes", type=int, default=0, help="count forward shapes over N scenes instead")
     ap.add_argument("--compile", nargs="?", const="default", default=None,
                     choices=["default", "reduce-overhead", "max-autotune"], help="torch.compile both runs")
-    ap.add_argument("--backend", default="auto", help="attention backend preference (model/attention.py): "
-                    "auto, torch, xformers, natten or fused")
+    add_backend_option(ap)
     args = ap.parse_args()
     if args.shapes:
         return count_shapes(args)

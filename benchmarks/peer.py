@@ -20,7 +20,6 @@ fixed beta with the same weights whose clustered attention runs the Triton kerne
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -30,9 +29,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cuda_graphed, device_name, time_ms  # noqa: E402
+from benchmarks.common import cuda_graphed, device_name, time_ms, with_backend  # noqa: E402
 from model import RatioPolicy  # noqa: E402
-from model.attention import set_backend  # noqa: E402
 from model.segmentor import build_segmentor, semantic_probabilities  # noqa: E402
 from pipeline.measure import FLOP_CONVENTION, count_gmacs, count_params  # noqa: E402
 
@@ -68,9 +66,7 @@ def main() -> None:
     image = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     peer = swin_t_mask2former(150).eval().to(device)
     dups = build_segmentor("dups_tiny", 150).eval().to(device)
-    fused = copy.deepcopy(dups) if "fused" in args.models else None
-    if fused is not None:
-        set_backend(fused, "fused")
+    fused = with_backend(dups, "fused") if "fused" in args.models else None
     fixed, full = RatioPolicy.from_preset("fixed", "ade20k"), RatioPolicy("full")
 
     def calls(peer, dups, fused):

@@ -381,12 +381,17 @@ def applies(backend: str, nbhd: Neighbourhood) -> bool:
     return True
 
 
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    return backend
+
+
 def resolve_backend(backend: str, nbhd: Neighbourhood) -> str:
     """The backend that runs ``nbhd``. A named backend is a preference, as a model-wide setting
     must be (one model has global, grid and clustered stages): it runs where its kernel applies,
     and elsewhere the neighbourhood takes what ``auto`` would."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    check_backend(backend)
     if nbhd.key_valid is not None:  # masked keys (packed small images): the reference path
         return "torch"
     if backend != "auto" and applies(backend, nbhd):
@@ -525,8 +530,7 @@ class NeighbourhoodAttention(nn.Module):
 def set_backend(module: nn.Module, backend: str) -> None:
     """Every neighbourhood attention inside ``module`` prefers ``backend`` (``resolve_backend``
     says where it applies)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    check_backend(backend)
     for m in module.modules():
         if isinstance(m, NeighbourhoodAttention):
             m.backend = backend

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from .attention import BACKENDS
+from .attention import check_backend
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,7 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.score_cells not in (1, 2, 4):
             raise ValueError(f"score_cells must be 1, 2 or 4, got {self.score_cells}")
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {self.attention_backend!r}; choose one of {BACKENDS}")
+        check_backend(self.attention_backend)
         if self.stage1_attention not in ("global", "window"):
             raise ValueError(f"stage1_attention must be 'global' or 'window', got {self.stage1_attention!r}")
         for d in self.dims:

@@ -17,7 +17,7 @@ from .attention import (Neighbourhood, NeighbourhoodAttention, cluster_neighbour
                         global_neighbourhood, grid_neighbourhood, keys_need_mask, set_backend)
 from .config import EncoderConfig, encoder_config
 from .ratios import RatioPolicy
-from .tokens import STAGE_PATCH_SIZES, TokenSet, grid_centres
+from .tokens import STAGE_PATCH_SIZES, TokenSet, grid_centres, real_counts
 from .layers import DropPath, mlp
 from .upsampling import CentreEmbedding, PixelSpread, UpsampleRecord, UpsamplingBlock
 
@@ -68,7 +68,7 @@ class EncoderOutput:
 
     @property
     def tokens_per_stage(self) -> list[int | float]:
-        return self.tokens.real_counts()
+        return real_counts(self.tokens.offsets, self.tokens.valid)
 
 
 class DUPSEncoder(nn.Module):

@@ -129,8 +129,7 @@ def cluster_attention(q: Tensor, kv: Tensor, query_rows: Tensor, key_rows: Tenso
     """Rows ``q`` (R, h, dq), ``kv`` (R, h, dv + dq) -> the output (R, h, dv) and each group's
     log-sum-exp (kept for the backward)."""
     heads, dq, dv, m, k, blocks = _launch_shape(q, kv, query_rows, key_rows, groups)
-    out = q.new_empty(q.shape[0], heads, dv)
-    lse = torch.empty(groups * heads * blocks["BLOCK_M"], device=q.device, dtype=torch.float32)
+    out, lse = _outputs(q, heads, dv, groups, blocks["BLOCK_M"])
     _forward[(groups, heads)](q, kv, out, lse, query_rows, key_rows, scale, heads, dq, dv, m, k,
                               q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
                               out.stride(0), out.stride(1), **blocks)
@@ -140,7 +139,12 @@ def cluster_attention(q: Tensor, kv: Tensor, query_rows: Tensor, key_rows: Tenso
 @cluster_attention.register_fake
 def _(q, kv, query_rows, key_rows, groups, scale):
     heads, dq, dv, m, k, blocks = _launch_shape(q, kv, query_rows, key_rows, groups)
-    return q.new_empty(q.shape[0], heads, dv), q.new_empty(groups * heads * blocks["BLOCK_M"], dtype=torch.float32)
+    return _outputs(q, heads, dv, groups, blocks["BLOCK_M"])
+
+
+def _outputs(q: Tensor, heads: int, dv: int, groups: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """The forward's empty output rows and per-group log-sum-exp (fp32)."""
+    return q.new_empty(q.shape[0], heads, dv), q.new_empty(groups * heads * block_m, dtype=torch.float32)
 
 
 @torch.library.custom_op("dups::cluster_attention_backward", mutates_args=())

@@ -83,9 +83,6 @@ class TokenSet:
             both,
         )
 
-    def real_counts(self) -> list[int | float]:
-        return real_counts(self.offsets, self.valid)
-
 
 def real_counts(offsets: list[int], valid: Tensor | None) -> list[int | float]:
     """Real tokens at each stage (the prefix sizes ``offsets``), averaged over the batch when

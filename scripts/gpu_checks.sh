@@ -17,15 +17,8 @@ py=${PYTHON:-python3}
 log=${OUT:-.}/gpu-checks-$part.log
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore RAY_AUTH_MODE=disabled
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//9.0a/9.0}"; fi
-step() {  # step SECONDS COMMAND...: one bounded step, its output in the log
-    local limit=$1; shift
-    echo "== $(date +%T) [${limit} s] $*" | tee -a "$log"
-    timeout "$limit" "$@" 2>&1 | grep -v -i "warn" | tee -a "$log"
-    echo "== exit ${PIPESTATUS[0]}" | tee -a "$log"
-}
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  "$py" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
-  git log -1 --format='code %h %cd' 2>/dev/null; } 2>&1 | tee -a "$log"
+source scripts/gpu_steps.sh
+machine_header
 case $part in
 rehearsal)
     step 120 "$py" -m pytest -q -p no:cacheprovider tests/test_fused_attention.py
