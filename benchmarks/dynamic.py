@@ -6,7 +6,7 @@ val/gflops_mean), the ratio to full, mIoU, per upsampling block the share of can
 and tokens per stage; the paper's ratio is Table 4's (dynamic 44.3 / full 74.7 GFLOPs = 0.593
 on ADE20K).
 
-    .venv/bin/python benchmarks/dynamic.py --checkpoint demo_run/runs/ray/demo/checkpoint_... \\
+    .venv/bin/python benchmarks/dynamic.py --checkpoint demo_run/runs/ray/demo/<launch>/step<N> \\
         --config demo data.train=demo_run/shards
 
 A head that has not learnt yet splits almost every candidate (ratio near 1); one that has

@@ -36,7 +36,7 @@ def _prep(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = prepare(args.dataset, args.src, args.out, splits=tuple(args.splits),
                        shard_bytes=int(args.shard_size * 1e6), address=args.address,
-                       num_cpus=args.num_cpus)
+                       num_cpus=args.num_cpus, forward_credentials=args.forward_credentials)
     counts = ", ".join(f"{k}: {v['samples']} samples in {len(v['shards'])} shards"
                        for k, v in manifest["splits"].items())
     print(f"prepared {args.dataset} -> {args.out} ({counts}); "
@@ -180,6 +180,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--shard-size", type=float, default=1000.0, help="MB of source files per shard")
     p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+    p.add_argument("--forward-credentials", action="store_true",
+                   help="also pass AWS keys/tokens to the Ray tasks (Ray's API shows them to anyone who "
+                   "reaches the cluster; default: the nodes' instance role, settings only)")
     p.set_defaults(func=_prep)
 
     p = sub.add_parser("synth", help="write synthetic scenes in the ADE20K layout")

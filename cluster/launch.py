@@ -2,8 +2,10 @@
 
 Ray Train V2: one worker per GPU (or CPU slot), gloo on CPU and NCCL on GPU; every rank saves
 its DeepSpeed shard into its own fresh directory and reports it, and Ray merges the ranks'
-files into one checkpoint in the run's storage (local path or S3). ``FailureConfig`` restarts
-the workers, which find that checkpoint with ``ray.train.get_checkpoint()``.
+files into one checkpoint in the launch's storage (local path or S3). Every launch is a Ray
+run of its own (named by ``new_launch_id``): ``FailureConfig`` restarts the workers of this
+launch, which find its checkpoints with ``ray.train.get_checkpoint()``; a new launch starts
+at step 0 unless ``--resume`` names a checkpoint to continue.
 """
 from __future__ import annotations
 
@@ -13,14 +15,12 @@ import logging
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 from data_prep.local_ray import init_ray
 from data_prep.storage import open_storage
-from pipeline.checkpoints import (find_checkpoint, join, mark_complete, newest_of_launch, prune, publish,
-                                  saved_config,
-                                 step_of, tag_of)
+from pipeline.checkpoints import (find_checkpoint, join, mark_complete, new_launch_id, newest_complete,
+                                  prune, publish, saved_config, step_of, tag_of)
 from pipeline.config import Config
 from pipeline.credentials import forwarded_env
 from pipeline.data import ShardError
@@ -30,17 +30,21 @@ log = logging.getLogger("dups.launch")
 
 
 def checkpoints_dir(cfg: Config) -> str:
-    """Where ``launch.launcher=local`` publishes checkpoints (local or S3)."""
+    """Where ``launch.launcher=local`` publishes checkpoints (local or S3), one folder per launch."""
     return join(join(cfg.train.output, cfg.name), "checkpoints")
 
 
 def local_hooks(cfg: Config, resume_from: str | None = None, stop_after: int | None = None) -> RunHooks:
-    """Checkpoints of ranks that share one filesystem (one process, or a spawned group): each
-    is written whole into a staging folder, then rank 0 publishes it (a rename next to it, or
-    an upload to S3 with ``complete.json`` last) and keeps the newest ``train.keep_checkpoints``."""
+    """Checkpoints of ranks that share one filesystem (one process, or a spawned group), in
+    this launch's own folder: each is written whole into a staging folder, then rank 0
+    publishes it (a rename next to it, or an upload to S3 with ``complete.json`` last) and
+    keeps the launch's newest ``train.keep_checkpoints``."""
     import torch.distributed as dist
 
-    run = checkpoints_dir(cfg)
+    launch = [new_launch_id()]
+    if dist.get_world_size() > 1:  # one folder for the group: rank 0's name
+        dist.broadcast_object_list(launch, src=0)
+    run = join(checkpoints_dir(cfg), launch[0])
 
     def stage_dir(step: int) -> str:
         d = (Path(run) / f".staging-{tag_of(step)}" if "://" not in run  # same filesystem: one rename
@@ -142,14 +146,15 @@ def ray_storage(cfg: Config) -> str:
     return f"{out.rstrip('/')}/ray" if out.startswith("s3://") else str(Path(out).resolve() / "ray")
 
 
-FATAL = "fatal.json"  # in the run's Ray storage: a bad input that restarts cannot get past
+FATAL = "fatal.json"  # in the launch's Ray storage: a bad input that restarts cannot get past
 
 
 def _ray_loop(config: dict) -> None:
     """Runs inside every Ray Train worker. Each rank writes its part of a checkpoint into its
     own temporary folder and reports it; Ray merges the parts in its storage under the step's
-    name; rank 0 then marks the folder complete and every rank removes its temporary copy. A
-    damaged shard stops the run: Ray's restarts end at once instead of training up to it again."""
+    name; rank 0 then marks the folder complete, keeps the launch's newest
+    ``train.keep_checkpoints``, and every rank removes its temporary copy. A damaged shard
+    stops the run: Ray's restarts end at once instead of training up to it again."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -160,11 +165,13 @@ def _ray_loop(config: dict) -> None:
 
     setup_logging()  # a Ray worker starts without: the INFO lines would never reach the job log
     cfg = load_config(None, config["overrides_flat"])
-    run = join(config["storage"], cfg.name)
+    run = join(join(config["storage"], cfg.name), config["launch"])  # this launch's folder
     resume_from = config.get("resume_from")
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts us after a failure
     ctx = None
-    newer = newest_of_launch(run, config["launch"])  # stored but maybe not yet registered
+    # Ray's controller registers a stored checkpoint a poll later: a worker dying in between
+    # would otherwise restart from an older one, or from step 0
+    newer = newest_complete(run)
     if newer is not None and newer.step > (step_of(checkpoint.path) if checkpoint else -1):
         resume_from = newer.url
     elif checkpoint is not None:
@@ -186,7 +193,8 @@ def _ray_loop(config: dict) -> None:
         dist.barrier()  # every rank's part is stored
         dest = join(run, folder.name)
         if dist.get_rank() == 0:
-            mark_complete(dest, step, dist.get_world_size(), config["launch"])
+            mark_complete(dest, step, dist.get_world_size())
+            prune(run, cfg.train.keep_checkpoints)  # after: the newest kept is always complete
         shutil.rmtree(folder.parent, ignore_errors=True)
         return dest
 
@@ -222,7 +230,7 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     """Ray Train TorchTrainer with ``cfg.launch.workers`` workers. ``resume``: where to find
     the checkpoint of an earlier run to continue (see ``resume_point``)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = pinned(cfg)
@@ -241,7 +249,8 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
     env = forwarded_env(cfg.launch.forward_credentials)  # Ray's API shows a runtime env to all
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(cfg.launch.cpus_per_worker))
     storage = storage or ray_storage(cfg)
-    open_storage(join(storage, cfg.name)).delete(FATAL)  # a new launch: the inputs may be fixed
+    launch = new_launch_id()
+    log.info("launch %s: checkpoints in %s", launch, join(join(storage, cfg.name), launch))
     run_id = None
     if resume_from is None:  # a fresh run: its MLflow run exists before any worker starts
         from pipeline.tracking import config_tracker
@@ -253,14 +262,13 @@ def train_ray(cfg: Config, resume: str | None = None, stop_after: int | None = N
         _ray_loop,
         train_loop_config={"overrides_flat": flat_overrides(cfg), "resume_from": resume_from,
                            "stop_after": stop_after, "run_id": run_id, "storage": storage,
-                           "launch": uuid.uuid4().hex},
+                           "launch": launch},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.launch.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.launch.cpus_per_worker}),
-        run_config=RunConfig(
-            name=cfg.name, storage_path=storage,
+        run_config=RunConfig(  # (Ray's own pruning would remove the newest complete checkpoint
+            name=launch, storage_path=join(storage, cfg.name),  # before the next one is marked)
             failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
             worker_runtime_env={"env_vars": env}),
     )
     try:

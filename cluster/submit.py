@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 EXCLUDES = [".git", ".venv", "demo_run", "runs", "mlruns", "mlruns.db", "*.tar", "__pycache__",
             ".pytest_cache", "*.egg-info"]
@@ -37,6 +38,22 @@ def entrypoint(command: list[str], python: str | None = None) -> str:
             f"head from the project's environment or pass --python (README, Cluster)\" >&2; exit 2")
 
 
+def dups_command(command: list[str]) -> list[str]:
+    """The dups subcommand and its arguments, as the job will run them: a leading ``dups``
+    (``dups submit -- dups train X``) dropped; an unknown subcommand refused here, before
+    anything is uploaded."""
+    from cluster.cli import build_parser
+
+    if command[:1] and Path(command[0]).name == "dups":
+        command = command[1:]
+    if not command:
+        raise ValueError("nothing to submit: give a dups command after --, e.g. dups submit -- train demo")
+    known = sorted(build_parser()[1])
+    if command[0] not in known:
+        raise ValueError(f"unknown dups command {command[0]!r} after --; choose one of {', '.join(known)}")
+    return command
+
+
 def submit(command: list[str], address: str | None = None, follow: bool = False,
            working_dir: str = ".", pip: list[str] | None = None, out=sys.stdout,
            forward_credentials: bool = False, python: str | None = None) -> str:
@@ -46,8 +63,7 @@ def submit(command: list[str], address: str | None = None, follow: bool = False,
     that has the project installed (default: found, see ``entrypoint``)."""
     from pipeline.credentials import forwarded_env
 
-    if not command:
-        raise ValueError("nothing to submit: give a dups command after --, e.g. dups submit -- train demo")
+    command = dups_command(command)
     env = forwarded_env(forward_credentials)
     runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env}
     if pip:

@@ -16,12 +16,15 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.credentials import forwarded_env
 
 from .local_ray import init_ray
 from .readers import DATASETS, Listing, Rejected, SampleRef, list_split
@@ -76,6 +79,26 @@ def _quarantine(storage, split: str, ref_key: str, path: str) -> str:
         return f"not copied: {err}"
 
 
+TEMP_PREFIX = "dups-prep-"  # + the writing process's id: a killed task's folder is known by it
+
+
+def remove_leftovers(tmp: str | None = None) -> list[str]:
+    """Removes the temporary folders of shard writers that were killed (their process is gone)."""
+    removed = []
+    for folder in Path(tmp or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = folder.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+        except PermissionError:  # alive, someone else's
+            pass
+    return removed
+
+
 def write_shard(dataset: str, plan: ShardPlan, out_url: str) -> dict:
     """Runs in a Ray task: writes one shard (or verifies the existing one); returns its sidecar."""
     import webdataset as wds
@@ -86,14 +109,16 @@ def write_shard(dataset: str, plan: ShardPlan, out_url: str) -> dict:
     sidecar_name = plan.name + ".json"
     if storage.exists(plan.name) and storage.exists(sidecar_name):
         sidecar = json.loads(storage.get_bytes(sidecar_name))
-        if sidecar.get("plan") == plan_digest(plan) and storage.sha256(plan.name) == sidecar.get("sha256"):
+        if sidecar.get("plan") == plan_digest(plan) and storage.holds(plan.name, sidecar.get("sha256", ""),
+                                                                      sidecar.get("bytes", -1)):
             return {**sidecar, "skipped": True}
     segmentation = dataset != "imagenet"
     if segmentation:
         table, valid = remap_table(dataset)[0], valid_raw_values(dataset)
     rejected, fractions = [], {}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    remove_leftovers()
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         local = Path(tmp) / plan.name
         with open(local, "wb") as f:
             writer = wds.TarWriter(f, encoder=False, mtime=0.0)
@@ -113,7 +138,7 @@ def write_shard(dataset: str, plan: ShardPlan, out_url: str) -> dict:
             writer.close()
         digest = sha256_file(local)
         nbytes = local.stat().st_size
-        storage.put_file(plan.name, local)
+        storage.put_file(plan.name, local, sha256=digest)
     sidecar = {"name": plan.name, "split": plan.split, "samples": count, "sha256": digest,
                "plan": plan_digest(plan), "bytes": nbytes, "rejected": rejected,
                "fractions": {k: {str(s): v for s, v in f.items()} for k, f in fractions.items()},
@@ -143,17 +168,31 @@ def _shard_task(dataset: str, plan: ShardPlan, out_url: str) -> dict:
     return {**write_shard(dataset, plan, out_url), "node": ray.get_runtime_context().get_node_id()}
 
 
-def _run_tasks(dataset: str, plans: list[ShardPlan], out_url: str, progress: bool) -> list[dict]:
+class ShardsFailed(RuntimeError):
+    """Shards whose tasks failed for good (an I/O error on every try): nothing of them is
+    published, every other shard is; a re-run writes only these."""
+
+
+def _failed(failures: dict[str, str]) -> ShardsFailed:
+    shown = "; ".join(f"{name}: {why}" for name, why in list(failures.items())[:5])
+    more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+    return ShardsFailed(f"{len(failures)} shard(s) not written, run `dups prep` again for them (the "
+                        f"finished ones are kept): {shown}{more}")
+
+
+def _run_tasks(dataset: str, plans: list[ShardPlan], out_url: str, progress: bool,
+               forward_credentials: bool = False) -> list[dict]:
     import ray
     from tqdm import tqdm
 
-    task = ray.remote(num_cpus=1, max_retries=3)(_shard_task)
-    # S3 endpoint and credentials travel to the workers in their environment, not in logs.
-    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    if aws:
-        task = task.options(runtime_env={"env_vars": aws})
+    task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(_shard_task)
+    # S3 settings travel to the workers in their environment; keys only when asked (Ray's API
+    # shows a task's runtime env to anyone who can reach it): on a cluster the instance role serves
+    env = forwarded_env(forward_credentials)
+    if env:
+        task = task.options(runtime_env={"env_vars": env})
     pending = {task.remote(dataset, p, out_url): p for p in plans}
-    results = {}
+    results, failures = {}, {}
     images = 0
     start = time.perf_counter()
     with tqdm(total=len(plans), unit="shard", desc=f"prep {dataset}", disable=not progress) as bar:
@@ -161,19 +200,28 @@ def _run_tasks(dataset: str, plans: list[ShardPlan], out_url: str, progress: boo
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 plan = pending.pop(ref)
-                results[plan.name] = ray.get(ref)
+                try:
+                    results[plan.name] = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:  # the others go on; named at the end
+                    cause = err.cause if isinstance(err.cause, Exception) else err
+                    failures[plan.name] = f"{type(cause).__name__}: {cause}".splitlines()[0]
+                    log.error("prep %s: shard %s failed: %s", dataset, plan.name, failures[plan.name])
                 images += len(plan.samples)
                 bar.update(1)
                 bar.set_postfix(images_per_s=f"{images / (time.perf_counter() - start):.1f}")
+    if failures:
+        raise _failed(failures)
     return [results[p.name] for p in plans]
 
 
 def prepare(dataset: str, src: str, out: str, splits=("train", "val"),
             shard_bytes: int = DEFAULT_SHARD_BYTES, address: str | None = None,
-            num_cpus: int | None = None, progress: bool = True, use_ray: bool = True) -> dict:
+            num_cpus: int | None = None, progress: bool = True, use_ray: bool = True,
+            forward_credentials: bool = False) -> dict:
     """Runs the whole job and returns the manifest (also written to ``out/manifest.json``).
     ``use_ray=False`` writes the shards one after another in this process (small sets, and
-    machines without Ray)."""
+    machines without Ray). ``forward_credentials``: also pass AWS keys to Ray's tasks (by
+    default only settings travel; the nodes' instance role serves S3)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     if not Path(src).is_dir():
@@ -192,9 +240,9 @@ def prepare(dataset: str, src: str, out: str, splits=("train", "val"),
     start = time.perf_counter()
     try:
         if use_ray:
-            sidecars = _run_tasks(dataset, plans, storage.url, progress)
+            sidecars = _run_tasks(dataset, plans, storage.url, progress, forward_credentials)
         else:
-            sidecars = [{**write_shard(dataset, p, storage.url), "node": "local"} for p in plans]
+            sidecars = _write_here(dataset, plans, storage.url)
     finally:
         if started_ray:
             ray.shutdown()
@@ -210,6 +258,20 @@ def prepare(dataset: str, src: str, out: str, splits=("train", "val"),
     log.info("prep %s: %d samples in %d shards (%d already complete), %d rejected, %.1f images/s",
              dataset, total, len(sidecars), skipped, rejected, (total + rejected) / max(seconds, 1e-9))
     return manifest
+
+
+def _write_here(dataset: str, plans: list[ShardPlan], out_url: str) -> list[dict]:
+    """The shards one after another in this process; an I/O error fails its shard only."""
+    sidecars, failures = [], {}
+    for plan in plans:
+        try:
+            sidecars.append({**write_shard(dataset, plan, out_url), "node": "local"})
+        except OSError as err:
+            failures[plan.name] = f"{type(err).__name__}: {err}"
+            log.error("prep %s: shard %s failed: %s", dataset, plan.name, failures[plan.name])
+    if failures:
+        raise _failed(failures)
+    return sidecars
 
 
 def _manifest(dataset: str, listings: dict[str, Listing], sidecars: list[dict]) -> dict:

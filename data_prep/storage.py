@@ -8,9 +8,14 @@ logged.
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
+
+log = logging.getLogger("dups.storage")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -35,10 +40,12 @@ class LocalStorage:
     def get_bytes(self, name: str) -> bytes:
         return (self.root / name).read_bytes()
 
-    def sha256(self, name: str) -> str:
-        return sha256_file(self.root / name)
+    def holds(self, name: str, sha256: str, nbytes: int) -> bool:
+        """Whether the file ``name`` is the one with this digest and size (read through)."""
+        path = self.root / name
+        return path.is_file() and path.stat().st_size == nbytes and sha256_file(path) == sha256
 
-    def put_file(self, name: str, local: str | Path) -> None:
+    def put_file(self, name: str, local: str | Path, sha256: str | None = None) -> None:
         dest = self.root / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -78,7 +85,90 @@ class LocalStorage:
             target.unlink()
 
 
+def transport_errors() -> tuple[type[Exception], ...]:
+    """botocore's errors of the connection, not of the request: a dropped, stalled or refused
+    connection, a body cut short. Asking again can succeed."""
+    from botocore.exceptions import ConnectionError, HTTPClientError, IncompleteReadError
+
+    return (HTTPClientError, ConnectionError, IncompleteReadError)
+
+
+class ResumableRead(io.RawIOBase):
+    """One S3 object read front to back that outlives a dropped or stalled connection: on a
+    transport error it asks again from the byte it had reached (a ``Range`` request pinned to
+    the object's ETag, so a replaced object is an error, never a splice of two), at most
+    ``retries`` times in a row, waiting ``backoff`` (0.5 s), then 1 s, 2 s ... between."""
+
+    retries = 5
+    backoff = 0.5
+
+    def __init__(self, client, bucket: str, key: str):
+        super().__init__()
+        self.client, self.bucket, self.key = client, bucket, key
+        self.offset, self.etag, self.body = 0, None, None
+        self.reopened = 0  # how many times a transport error was got past
+        self._read_with_retries(0)  # the first request's errors show here, not at the first read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._read_with_retries(size)
+
+    def _open(self) -> None:
+        from botocore.exceptions import ClientError
+
+        ask = {"Bucket": self.bucket, "Key": self.key}
+        if self.offset:
+            ask["Range"] = f"bytes={self.offset}-"
+        if self.etag:
+            ask["IfMatch"] = self.etag
+        try:
+            response = self.client.get_object(**ask)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise ValueError(f"s3://{self.bucket}/{self.key} was replaced while being read "
+                                 f"(at byte {self.offset})") from err
+            raise
+        self.etag = self.etag or response.get("ETag")
+        self.body = response["Body"]
+
+    def _read_with_retries(self, size: int) -> bytes:
+        for attempt in range(self.retries + 1):
+            try:
+                if self.body is None:
+                    self._open()
+                data = self.body.read(None if size is None or size < 0 else size) if size else b""
+                self.offset += len(data)
+                return data
+            except transport_errors() as err:
+                self.body = None
+                if attempt == self.retries:
+                    raise OSError(f"s3://{self.bucket}/{self.key}: {attempt + 1} transport errors in a "
+                                  f"row at byte {self.offset} ({type(err).__name__}: {err})") from err
+                wait = self.backoff * 2 ** attempt
+                log.warning("s3://%s/%s: %s at byte %d; asking again from there in %.1f s (%d/%d)",
+                            self.bucket, self.key, type(err).__name__, self.offset, wait,
+                            attempt + 1, self.retries)
+                time.sleep(wait)
+                self.reopened += 1
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+            self.body = None
+        super().close()
+
+
 class S3Storage:
+    read_timeout = 60.0  # seconds without a byte before a read counts as stalled (botocore's default)
+
     def __init__(self, url: str):
         rest = url[len("s3://"):]
         self.bucket, _, prefix = rest.partition("/")
@@ -90,8 +180,14 @@ class S3Storage:
     @property
     def client(self):
         import boto3  # endpoint and credentials from the environment
+        from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+        return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+                            config=Config(read_timeout=self.read_timeout))
+
+    def open_read(self, name: str = "") -> ResumableRead:
+        """The object ``name`` (this URL itself if empty) as a stream that survives transport errors."""
+        return ResumableRead(self.client, self.bucket, self._key(name) if name else self.prefix)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -116,15 +212,32 @@ class S3Storage:
     def get_bytes(self, name: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
 
-    def sha256(self, name: str) -> str:
-        h = hashlib.sha256()
-        body = self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
-        for block in iter(lambda: body.read(1 << 20), b""):
-            h.update(block)
-        return h.hexdigest()
+    def holds(self, name: str, sha256: str, nbytes: int) -> bool:
+        """Whether the object ``name`` is the one with this digest and size: from the digest
+        stored with it at upload (one HEAD request, nothing downloaded), else read through."""
+        from botocore.exceptions import ClientError
 
-    def put_file(self, name: str, local: str | Path) -> None:
-        self.client.upload_file(str(local), self.bucket, self._key(name))
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        if head["ContentLength"] != nbytes:
+            return False
+        stored = head.get("Metadata", {}).get("sha256")
+        if stored:
+            return stored == sha256
+        h = hashlib.sha256()  # an object uploaded without its digest
+        with self.open_read(name) as body:
+            for block in iter(lambda: body.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest() == sha256
+
+    def put_file(self, name: str, local: str | Path, sha256: str | None = None) -> None:
+        """Uploads ``local``; ``sha256``: its digest, stored with the object (``holds`` reads it)."""
+        extra = {"Metadata": {"sha256": sha256}} if sha256 else None
+        self.client.upload_file(str(local), self.bucket, self._key(name), ExtraArgs=extra)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
@@ -138,7 +251,8 @@ class S3Storage:
         names = []
         for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=root + (prefix.rstrip("/") + "/" if prefix else "")):
-            names += [o["Key"][len(root):] for o in page.get("Contents", [])]
+            names += [o["Key"][len(root):] for o in page.get("Contents", [])
+                      if not o["Key"].endswith("/")]  # (folder markers, as pyarrow's S3 writes)
         return sorted(names)
 
     def get_file(self, name: str, local: str | Path) -> None:

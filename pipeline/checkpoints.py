@@ -6,10 +6,13 @@ DeepSpeed's client state), and ``complete.json``, written last, once every part 
 Only folders with ``complete.json`` count: a crash or an interrupted upload mid-save leaves
 the previous checkpoint the newest usable one.
 
-Where they live: ``<train.output>/<name>/checkpoints/`` (``launch.launcher=local``) and
-``<train.output>/ray/<name>/`` (Ray Train's storage). Every reader (``--resume``, ``dups eval``,
-``dups export``, ``train.pretrained``) takes a checkpoint, a run's folder or a
-``train.output``, local or ``s3://``, and picks the newest complete checkpoint in it.
+Where they live: every launch of ``dups train`` writes into a folder of its own, named by its
+UTC start (``new_launch_id``): ``<train.output>/<name>/checkpoints/<launch>/``
+(``launch.launcher=local``) and ``<train.output>/ray/<name>/<launch>/`` (Ray Train's storage),
+so a fresh launch never continues, nor prunes, an earlier one. Every reader (``--resume``,
+``dups eval``, ``dups export``, ``train.pretrained``) takes a checkpoint, a launch's folder, a
+run's folder or a ``train.output``, local or ``s3://``, and picks the newest complete
+checkpoint of the newest launch in it.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import os
 import pickle
 import re
 import shutil
+import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +36,13 @@ from data_prep.storage import open_storage
 
 COMPLETE = "complete.json"
 _STEP = re.compile(r"step(\d{8})$")
+_LAUNCH = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
+
+
+def new_launch_id() -> str:
+    """The name of one launch's checkpoint folder: its UTC start (so names sort by age) and
+    six random hex digits (two launches in one second)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 def tag_of(step: int) -> str:
@@ -65,8 +77,8 @@ def complete_checkpoints(location: str, max_depth: int = 4) -> list[CheckpointRe
     refs = []
     for name in storage.list():
         parts = name.split("/")
-        if parts[-1] != COMPLETE or len(parts) - 1 > max_depth:
-            continue
+        if parts[-1] != COMPLETE or len(parts) - 1 > max_depth or any(p.startswith(".") for p in parts):
+            continue  # (a ".staging-*" folder is a save that never finished)
         folder = "/".join(parts[:-1])
         match = _STEP.search(folder or location.rstrip("/"))
         if match:
@@ -75,16 +87,27 @@ def complete_checkpoints(location: str, max_depth: int = 4) -> list[CheckpointRe
     return sorted(refs, key=lambda r: (r.run, r.step))
 
 
+def _launches_of(run: str) -> str:
+    """The folder holding a run's launches: the parent of a launch's folder; a folder of the
+    layout before launch folders is its own."""
+    parent, _, base = run.rstrip("/").rpartition("/")
+    return parent if _LAUNCH.fullmatch(base) else run
+
+
 def find_checkpoint(location: str, name: str | None = None) -> CheckpointRef:
-    """The newest complete checkpoint in ``location`` (a checkpoint, a run's folder or a
-    ``train.output``). ``name``: the run's name, which picks among several runs."""
+    """The newest complete checkpoint in ``location`` (a checkpoint, a launch's or a run's
+    folder, or a ``train.output``): of several launches of one run, the newest launch's.
+    ``name``: the run's name, which picks among several runs."""
     refs = complete_checkpoints(location)
     if name and len({r.run for r in refs}) > 1:
         mine = [r for r in refs if f"/{name}/" in r.url.replace(os.sep, "/")]
         refs = mine or refs
-    runs = sorted({r.run for r in refs})
     if not refs:
         raise FileNotFoundError(f"no complete checkpoint (a step<N> folder with {COMPLETE}) under {location}")
+    if len({_launches_of(r.run) for r in refs}) == 1:  # launches of one run: the newest
+        newest = max(r.run for r in refs)  # (launch names sort by age, after their parent's)
+        refs = [r for r in refs if r.run == newest]
+    runs = sorted({r.run for r in refs})
     if len(runs) > 1:
         raise ValueError(f"{location} holds checkpoints of {len(runs)} runs ({', '.join(runs)}): "
                          "name one of those folders")
@@ -107,9 +130,8 @@ def local_copy(ref: CheckpointRef | str) -> Iterator[Path]:
         yield local
 
 
-def _complete_record(step: int, world: int, files: list[str], launch: str | None = None) -> str:
-    record = {"step": step, "world_size": world, "files": sorted(files)}
-    return json.dumps({**record, "launch": launch} if launch else record)
+def _complete_record(step: int, world: int, files: list[str]) -> str:
+    return json.dumps({"step": step, "world_size": world, "files": sorted(files)})
 
 
 def publish(staged: Path, dest: str, step: int, world: int) -> str:
@@ -119,11 +141,11 @@ def publish(staged: Path, dest: str, step: int, world: int) -> str:
         target = Path(dest)
         target.parent.mkdir(parents=True, exist_ok=True)
         files = [str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()]
-        (staged / COMPLETE).write_text(_complete_record(step, world, files))
         if target.exists():  # a partial folder of an earlier attempt at this step
             shutil.rmtree(target)
         os.replace(staged, target)  # staged next to it: one rename on the same filesystem
-        return str(target)
+        (target / COMPLETE).write_text(_complete_record(step, world, files))  # after: a crash
+        return str(target)  # in between leaves a folder without it, which no reader takes
     storage = open_storage(dest)
     for path in sorted(p for p in staged.rglob("*") if p.is_file()):
         storage.put_file(str(path.relative_to(staged)), path)
@@ -132,25 +154,17 @@ def publish(staged: Path, dest: str, step: int, world: int) -> str:
     return dest
 
 
-def mark_complete(dest: str, step: int, world: int, launch: str | None = None) -> None:
-    """Writes ``complete.json`` into an already stored checkpoint folder (Ray's uploads).
-    ``launch``: the id of the launch that wrote it (see ``newest_of_launch``)."""
+def mark_complete(dest: str, step: int, world: int) -> None:
+    """Writes ``complete.json`` into an already stored checkpoint folder (Ray's uploads)."""
     storage = open_storage(dest)
     files = [n for n in storage.list() if n != COMPLETE]
-    storage.put_bytes(COMPLETE, _complete_record(step, world, files, launch).encode())
+    storage.put_bytes(COMPLETE, _complete_record(step, world, files).encode())
 
 
-def newest_of_launch(run: str, launch: str) -> CheckpointRef | None:
-    """The newest complete checkpoint in the run folder ``run`` written by the launch
-    ``launch``. Ray hands a restarted worker only the checkpoints its controller has
-    registered, which it learns of a poll later than they are stored: a worker dying in
-    between would otherwise restart from an older checkpoint, or from step 0."""
-    storage = open_storage(run)
-    for ref in reversed(complete_checkpoints(run, max_depth=1)):
-        record = json.loads(storage.get_bytes(f"{tag_of(ref.step)}/{COMPLETE}"))
-        if record.get("launch") == launch:
-            return ref
-    return None
+def newest_complete(folder: str) -> CheckpointRef | None:
+    """The newest complete checkpoint directly in one launch's ``folder``, or None."""
+    refs = complete_checkpoints(folder, max_depth=1)
+    return refs[-1] if refs else None
 
 
 def prune(run: str, keep: int) -> list[str]:

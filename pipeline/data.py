@@ -64,10 +64,10 @@ def shards_of(root: str, manifest: dict, split: str) -> list[Shard]:
 
 
 def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_) -> object:
-    """webdataset's opener for ``s3://``: a boto3 streaming body (endpoint, region and keys from
-    the environment, as everywhere in the project; webdataset's own runs the AWS CLI)."""
-    obj = S3Storage(url)
-    return obj.client.get_object(Bucket=obj.bucket, Key=obj.prefix)["Body"]
+    """webdataset's opener for ``s3://``: a boto3 stream that asks again from where it was
+    after a transport error (endpoint, region and keys from the environment, as everywhere in
+    the project; webdataset's own runs the AWS CLI)."""
+    return S3Storage(url).open_read()
 
 
 gopen_schemes["s3"] = _open_s3
@@ -76,7 +76,8 @@ gopen_schemes["s3"] = _open_s3
 def read_shard(url: str) -> Iterator[dict]:
     """Raw samples of one shard through webdataset's pipeline: {"__key__", member suffix:
     bytes}, the image as ``img``. A damaged tar is an error naming the shard and the last
-    good sample (webdataset's own message names neither)."""
+    good sample (webdataset's own message names neither); an I/O error that outlasts the S3
+    reader's retries stays an ``OSError``, which a restart may get past."""
     samples = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(),
                                wds.rename(img="img.jpg;img.png"))
     last = None
@@ -84,7 +85,7 @@ def read_shard(url: str) -> Iterator[dict]:
         for sample in samples:
             last = sample["__key__"]
             yield sample
-    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+    except (tarfile.TarError, EOFError, ValueError) as err:  # (an OSError is I/O, not the format)
         raise ShardError(f"shard {url} is damaged after sample {last!r} "
                          f"({type(err).__name__}: {str(err.args[0] if err.args else err).split(' @ ')[0]}): run `dups prep` again") from err
 

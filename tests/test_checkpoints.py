@@ -3,6 +3,7 @@
 fine-tuning through exported safetensors."""
 import os
 import tempfile
+from pathlib import Path
 
 import boto3
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import train_helpers as th
 from cluster.launch import train_local
-from pipeline.checkpoints import COMPLETE, find_checkpoint, mark_complete, model_state, newest_of_launch
+from pipeline.checkpoints import COMPLETE, find_checkpoint, mark_complete, model_state, newest_complete
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_a_crash_between_the_parts_leaves_the_previous_checkpoint(shards, tmp_pa
 
     real = train_mod._rng_state
     def crash_at_step_4():  # DeepSpeed's model and optimizer files are written, the RNG is not
-        if (tmp_path / "b" / "demo" / "checkpoints" / ".staging-step00000004").exists():
+        if list((tmp_path / "b" / "demo" / "checkpoints").glob("*/.staging-step00000004")):
             raise RuntimeError("killed mid-save")
         return real()
     monkeypatch.setattr(train_mod, "_rng_state", crash_at_step_4)
@@ -41,8 +42,30 @@ def test_a_crash_between_the_parts_leaves_the_previous_checkpoint(shards, tmp_pa
     assert find_checkpoint(str(tmp_path / "b")).step == 2  # the half-written step 4 is not taken
     resumed = train_local(th.test_config(shards, tmp_path / "b", *common), resume=str(tmp_path / "b"))
     assert resumed.steps == 4 and resumed.losses == full.losses[2:]
-    folders = sorted(p.name for p in (tmp_path / "b" / "demo" / "checkpoints").iterdir())
-    assert folders == ["step00000002", "step00000004"]  # the staging leftover was cleared
+    first, second = sorted((tmp_path / "b" / "demo" / "checkpoints").iterdir())  # two launches
+    assert sorted(p.name for p in first.iterdir()) == [".staging-step00000004", "step00000002"]
+    assert sorted(p.name for p in second.iterdir()) == ["step00000004"]
+    assert find_checkpoint(str(tmp_path / "b")).url == str(second / "step00000004")
+
+
+def test_a_crash_after_the_rename_leaves_no_marked_staging_folder(shards, tmp_path, monkeypatch):
+    """The local launcher marks a checkpoint complete only once it is in place: a crash
+    between the rename and the marker leaves the previous checkpoint the newest, and a bare
+    --resume finds one run."""
+    import pipeline.checkpoints as ckpt
+
+    common = ["train.iters=4", "train.checkpoint_every=2", "train.eval_every=100", "launch.launcher=local"]
+    real = ckpt.os.replace
+    def crash_after_renaming_step_4(src, dst):
+        real(src, dst)
+        if str(dst).endswith("step00000004"):
+            raise RuntimeError("killed after the rename")
+    monkeypatch.setattr(ckpt.os, "replace", crash_after_renaming_step_4)
+    with pytest.raises(RuntimeError, match="killed after the rename"):
+        train_local(th.test_config(shards, tmp_path, *common))
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    assert not list(tmp_path.glob("demo/checkpoints/*/.staging-*/*/complete.json"))
+    assert find_checkpoint(str(tmp_path)).step == 2
 
 
 def test_run_on_s3_resumes_evaluates_and_exports_from_s3(shards, tmp_path, s3_server, monkeypatch):
@@ -54,19 +77,25 @@ def test_run_on_s3_resumes_evaluates_and_exports_from_s3(shards, tmp_path, s3_se
     common = ["train.iters=4", "train.checkpoint_every=1", "train.eval_every=100", "launch.launcher=local",
               "train.output=s3://runs/out", "train.keep_checkpoints=2"]
     first = train_local(th.test_config(shards, tmp_path, *common), stop_after=2)
-    assert first.last_checkpoint == "s3://runs/out/demo/checkpoints/step00000002"
+    launch = first.last_checkpoint.rsplit("/", 2)[1]
+    assert first.last_checkpoint == f"s3://runs/out/demo/checkpoints/{launch}/step00000002"
     assert not (tmp_path / "s3:").exists() and not list(tmp_path.glob("**/step0000000*"))
     second = train_local(th.test_config(shards, tmp_path, *common), resume="s3://runs/out")
     assert second.steps == 4 and second.run_id == first.run_id
+    again = second.last_checkpoint.rsplit("/", 2)[1]
+    assert again > launch  # the resumed launch writes into a folder of its own
     names = s3_names("runs", "out/")
-    steps = sorted({n.split("/")[3] for n in names})
-    assert steps == ["step00000003", "step00000004"], steps  # the newest 2 kept
-    assert f"out/demo/checkpoints/step00000004/{COMPLETE}" in names
-    assert "out/demo/checkpoints/step00000004/rng_rank0.pt" in names
+    steps = sorted({"/".join(n.split("/")[3:5]) for n in names})
+    assert steps == [f"{launch}/step00000001", f"{launch}/step00000002",  # the newest 2 of each launch
+                     f"{again}/step00000003", f"{again}/step00000004"], steps
+    assert f"out/demo/checkpoints/{again}/step00000004/{COMPLETE}" in names
+    assert f"out/demo/checkpoints/{again}/step00000004/rng_rank0.pt" in names
 
-    # the three readers take the train.output, a run's folder, or a checkpoint, all on S3
-    for where in ("s3://runs/out", "s3://runs/out/demo", "s3://runs/out/demo/checkpoints/step00000004"):
-        assert find_checkpoint(where).url == "s3://runs/out/demo/checkpoints/step00000004"
+    # the readers take the train.output, a run's folder, a launch's, or a checkpoint, all on S3
+    newest = f"s3://runs/out/demo/checkpoints/{again}/step00000004"
+    for where in ("s3://runs/out", "s3://runs/out/demo", f"s3://runs/out/demo/checkpoints/{again}", newest):
+        assert find_checkpoint(where).url == newest
+    assert find_checkpoint(f"s3://runs/out/demo/checkpoints/{launch}").step == 2
     source = export_weights("s3://runs/out", "s3://runs/weights/demo.safetensors")
     assert source.endswith("step00000004")
     exported, _ = model_state("s3://runs/weights/demo.safetensors")
@@ -95,17 +124,24 @@ def test_find_checkpoint_names_the_runs_when_several_are_found(tmp_path):
         find_checkpoint(str(tmp_path / "b" / "checkpoints" / "step00000009"))
 
 
-def test_a_restarted_ray_worker_finds_its_own_launchs_newest_checkpoint(tmp_path):
+def test_the_newest_launch_is_found_and_a_restart_stays_in_its_own(tmp_path):
     run = tmp_path / "ray" / "demo"
-    for step, launch in ((4, "old"), (8, "new"), (12, "new"), (16, "old"), (20, "new")):
-        (run / f"step{step:08d}").mkdir(parents=True)
-        (run / f"step{step:08d}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    for step, launch in ((4, "20261201-090000-aaaaaa"), (8, "20261205-120000-bbbbbb"),
+                         (12, "20261205-120000-bbbbbb"), (16, "20261201-090000-aaaaaa"),
+                         (20, "20261205-120000-bbbbbb")):
+        (run / launch / f"step{step:08d}").mkdir(parents=True)
+        (run / launch / f"step{step:08d}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
         if step != 20:  # the last one never finished
-            mark_complete(str(run / f"step{step:08d}"), step, 2, launch)
-    assert newest_of_launch(str(run), "new").step == 12
-    assert newest_of_launch(str(run), "old").step == 16
-    assert newest_of_launch(str(run), "other") is None
-    assert newest_of_launch(str(tmp_path / "nothing"), "new") is None
+            mark_complete(str(run / launch / f"step{step:08d}"), step, 2)
+    assert newest_complete(str(run / "20261205-120000-bbbbbb")).step == 12
+    assert newest_complete(str(run / "20261201-090000-aaaaaa")).step == 16
+    assert newest_complete(str(tmp_path / "nothing")) is None
+    # a bare --resume continues the newest launch, though an older one went further
+    for where in (tmp_path, run):
+        assert find_checkpoint(str(where)).url == str(run / "20261205-120000-bbbbbb" / "step00000012")
+    (run / "step00000002").mkdir()  # a checkpoint of the layout before launch folders
+    mark_complete(str(run / "step00000002"), 2, 2)
+    assert find_checkpoint(str(run)).step == 12
 
 
 def test_pretraining_on_two_ray_workers_hands_its_weights_to_finetuning(tmp_path, monkeypatch):
@@ -141,7 +177,7 @@ def test_pretraining_on_two_ray_workers_hands_its_weights_to_finetuning(tmp_path
     assert not staged - staged_before  # every rank removed its temporary copy
     weights = tmp_path / "runs" / "pretrain_imagenet_tiny" / "pretrain_imagenet_tiny.safetensors"
     exported = load_file(str(weights))
-    assert (tmp_path / "runs" / "ray" / "pretrain_imagenet_tiny" / "step00000002" / COMPLETE).is_file()
+    assert len(list((tmp_path / "runs" / "ray" / "pretrain_imagenet_tiny").glob(f"*/step00000002/{COMPLETE}"))) == 1
 
     finetune = ["launch.launcher=local", f"train.pretrained={weights}"]
     init_single_process()
@@ -192,15 +228,18 @@ def test_ray_run_on_s3_publishes_complete_checkpoints_and_resumes(shards, tmp_pa
     try:
         first = train_ray(th.test_config(shards, tmp_path, *common), stop_after=2)
         assert first.error is None
+        launch = first.checkpoint.path.rstrip("/").rsplit("/", 2)[1]
         names = s3_names("runs", "out/ray/demo/")
-        assert {f"out/ray/demo/step00000002/{f}" for f in (COMPLETE, "rng_rank0.pt", "rng_rank1.pt")} <= set(names)
+        assert {f"out/ray/demo/{launch}/step00000002/{f}" for f in (COMPLETE, "rng_rank0.pt", "rng_rank1.pt")
+                } <= set(names)
         assert find_checkpoint("s3://runs/out", "demo").step == 2
         second = train_ray(th.test_config(shards, tmp_path, *common), resume="s3://runs/out")
         assert second.error is None
+        again = second.checkpoint.path.rstrip("/").rsplit("/", 2)[1]
     finally:
         ray.shutdown()
-    steps = sorted({n.split("/")[3] for n in s3_names("runs", "out/ray/demo/step")})
-    assert steps == ["step00000002", "step00000003"], steps
+    steps = sorted({"/".join(n.split("/")[3:5]) for n in s3_names("runs", "out/ray/demo/") if "/step" in n})
+    assert steps == [f"{launch}/step00000001", f"{launch}/step00000002", f"{again}/step00000003"], steps
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
@@ -236,3 +275,35 @@ def test_a_file_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
     torch.load(tmp_path / "evil.pt", weights_only=False)  # the payload is real: full unpickling runs it
     assert marker.exists()
+
+
+def test_a_fresh_ray_launch_starts_at_step_0_and_resume_takes_the_named_checkpoint(shards, tmp_path, monkeypatch):
+    """A second launch of the same name without --resume is a new run (its own MLflow run,
+    params and step 0), not a continuation of the first; --resume naming the first launch's
+    checkpoint continues that one, though a newer launch exists."""
+    import ray
+    from mlflow import MlflowClient
+
+    from cluster.launch import train_ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    common = ["train.eval_every=100", "launch.workers=2", "train.checkpoint_every=2"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first = train_ray(th.test_config(shards, tmp_path, "train.iters=2", *common))
+        second = train_ray(th.test_config(shards, tmp_path, "train.iters=4", "optim.lr=0.0005", *common))
+        old = first.checkpoint.path.rstrip("/")
+        third = train_ray(th.test_config(shards, tmp_path, "train.iters=4", *common), resume=old)
+    finally:
+        ray.shutdown()
+    assert first.error is None and second.error is None and third.error is None
+    assert len({Path(r.checkpoint.path).parent for r in (first, second, third)}) == 3
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("dups-demo").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2 and [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    continued, fresh = runs
+    assert fresh.data.params["optim.lr"] == "0.0005" and "resumed_from" not in fresh.data.tags
+    assert sorted(m.step for m in client.get_metric_history(fresh.info.run_id, "train/loss")) == [1, 2, 3, 4]
+    assert continued.data.tags["resumed_from"] == f"{old} at step 2"
+    assert sorted(m.step for m in client.get_metric_history(continued.info.run_id, "train/loss")) == [1, 2, 3, 4]

@@ -140,8 +140,8 @@ def test_submit_follow_list_logs_stop(ray_head, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-print-me")
     out = io.StringIO()
-    job = submit(["summary", "--model", "dups_demo", "--task", "backbone", "--image-size", "256", "--json"],
-                 address=ray_head, follow=True, out=out)
+    job = submit(["dups", "summary", "--model", "dups_demo", "--task", "backbone", "--image-size", "256",
+                  "--json"], address=ray_head, follow=True, out=out)  # (`dups submit -- dups summary`)
     text = out.getvalue()
     assert f"submitted {job}" in text and '"tokens_per_stage"' in text and "SUCCEEDED" in text
     # a head whose Python lacks the project: a clear error in the job's log, not a traceback
@@ -197,3 +197,14 @@ def test_a_ray_the_project_starts_listens_on_loopback_only(tmp_path):
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["node"] == "127.0.0.1"
     assert seen["listen"] and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip in seen["listen"]), seen
+
+
+def test_submit_refuses_an_unknown_command_before_contacting_the_cluster(capsys):
+    from cluster.cli import main
+
+    # nothing listens on port 9: the refusal comes before any connection or upload
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--", "dups", "tran", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dups command 'tran' after --; choose one of" in err and "train" in err
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--", "dups"]) == 2
+    assert "nothing to submit" in capsys.readouterr().err

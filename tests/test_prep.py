@@ -136,7 +136,9 @@ def test_s3_output_is_byte_identical_to_local(tmp_path, local_ray, s3_server):
     local = prepare("ade20k", str(src), str(tmp_path / "local"), shard_bytes=25_000, progress=False)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="data")
-    remote = prepare("ade20k", str(src), "s3://data/ade20k", shard_bytes=25_000, progress=False)
+    # (the module's Ray started before this test's keys were set: they travel only when asked)
+    remote = prepare("ade20k", str(src), "s3://data/ade20k", shard_bytes=25_000, progress=False,
+                     forward_credentials=True)
     assert remote["splits"] == local["splits"]
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="data", Prefix="ade20k/")["Contents"]}
     assert "ade20k/manifest.json" in keys
