@@ -35,6 +35,7 @@ log = logging.getLogger("dups.prep")
 DEFAULT_SHARD_BYTES = 1 << 30  # about 1 GB of source files per shard
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+INDEX_EVERY = 64  # a shard's index: the byte offset of every 64th sample (readers seek, not read through)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,24 @@ def _quarantine(storage, split: str, ref_key: str, path: str) -> str:
 
 
 TEMP_PREFIX = "dups-prep-"  # + the writing process's id: a killed task's folder is known by it
+
+
+def sample_offsets(tar: str | Path, every: int = INDEX_EVERY) -> list[int]:
+    """Byte offsets of samples 0, every, 2 * every ... in a shard: where their first member's
+    header starts (a tar read from there is a tar of the samples from there on). Only the
+    headers are read."""
+    import tarfile
+
+    offsets, key, n = [], None, -1
+    with tarfile.open(tar, "r:") as archive:
+        for member in archive:
+            base = member.name.rsplit("/", 1)[-1]
+            sample = member.name[:len(member.name) - len(base)] + base.split(".", 1)[0]  # webdataset's key
+            if sample != key:
+                key, n = sample, n + 1
+                if n % every == 0:
+                    offsets.append(member.offset)
+    return offsets
 
 
 def remove_leftovers(tmp: str | None = None) -> list[str]:
@@ -138,9 +157,10 @@ def write_shard(dataset: str, plan: ShardPlan, out_url: str) -> dict:
             writer.close()
         digest = sha256_file(local)
         nbytes = local.stat().st_size
+        index = {"every": INDEX_EVERY, "offsets": sample_offsets(local, INDEX_EVERY)}
         storage.put_file(plan.name, local, sha256=digest)
     sidecar = {"name": plan.name, "split": plan.split, "samples": count, "sha256": digest,
-               "plan": plan_digest(plan), "bytes": nbytes, "rejected": rejected,
+               "plan": plan_digest(plan), "bytes": nbytes, "index": index, "rejected": rejected,
                "fractions": {k: {str(s): v for s, v in f.items()} for k, f in fractions.items()},
                "seconds": round(time.perf_counter() - start, 3)}
     storage.put_bytes(sidecar_name, json.dumps(sidecar, sort_keys=True).encode())
@@ -287,7 +307,8 @@ def _manifest(dataset: str, listings: dict[str, Listing], sidecars: list[dict]) 
         splits[split] = {
             "samples": sum(s["samples"] for s in own),
             "shards": [{"name": s["name"], "samples": s["samples"], "sha256": s["sha256"],
-                        "bytes": s["bytes"]} for s in own],
+                        "bytes": s["bytes"], **({"index": s["index"]} if "index" in s else {})}
+                       for s in own],
         }
         rejected += [dict(r, split=split) for s in own for r in s["rejected"]]
     train = [s for s in sidecars if s["split"] == "train"] or sidecars

@@ -102,10 +102,10 @@ class ResumableRead(io.RawIOBase):
     retries = 5
     backoff = 0.5
 
-    def __init__(self, client, bucket: str, key: str):
+    def __init__(self, client, bucket: str, key: str, start: int = 0):
         super().__init__()
         self.client, self.bucket, self.key = client, bucket, key
-        self.offset, self.etag, self.body = 0, None, None
+        self.offset, self.etag, self.body = start, None, None
         self.reopened = 0  # how many times a transport error was got past
         self._read_with_retries(0)  # the first request's errors show here, not at the first read
 
@@ -185,9 +185,10 @@ class S3Storage:
         return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
                             config=Config(read_timeout=self.read_timeout))
 
-    def open_read(self, name: str = "") -> ResumableRead:
-        """The object ``name`` (this URL itself if empty) as a stream that survives transport errors."""
-        return ResumableRead(self.client, self.bucket, self._key(name) if name else self.prefix)
+    def open_read(self, name: str = "", start: int = 0) -> ResumableRead:
+        """The object ``name`` (this URL itself if empty) from byte ``start`` on, as a stream
+        that survives transport errors."""
+        return ResumableRead(self.client, self.bucket, self._key(name) if name else self.prefix, start)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

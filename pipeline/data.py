@@ -1,9 +1,10 @@
 """Streaming WebDataset shards (local or S3) into training batches, resumably.
 
 Each rank runs ``workers`` DataLoader processes; every (rank, worker) pair is one *stream*.
-Epoch e: the shards are permuted with (seed, e), read as one sequence and cut into equal
-contiguous runs, one per stream (``plan_epoch``), so every sample is seen once per epoch
-whatever the numbers of shards and streams. From the manifest's per-shard counts every rank
+Epoch e: the shards are permuted with (seed, e), read as one circular sequence and cut into
+equal contiguous runs from a seeded point, one per stream (``plan_epoch``), so every sample is
+seen once per epoch whatever the numbers of shards and streams; a stream seeks to its run
+through the shard's index of byte offsets (``read_samples``). From the manifest's per-shard counts every rank
 computes the same number of batches per stream, m_e, so all ranks take exactly the same
 number of steps and none can hang on a collective; the few samples beyond m_e batches in a
 stream (fewer than a batch) wait for the next epoch's permutation.
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen_schemes
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_prep.storage import S3Storage, open_storage
 
@@ -46,6 +47,8 @@ class ShardError(ValueError):
 class Shard:
     url: str
     samples: int
+    offsets: tuple[int, ...] = ()  # byte offsets of samples 0, every, 2 * every ... (prep's index)
+    every: int = 0
 
 
 def load_manifest(root: str) -> dict:
@@ -59,27 +62,31 @@ def shards_of(root: str, manifest: dict, split: str) -> list[Shard]:
     if split not in manifest["splits"]:
         raise ValueError(f"{root}/{MANIFEST} has no split {split!r} (has {sorted(manifest['splits'])})")
     storage = open_storage(root)
-    return [Shard(storage.shard_url(s["name"]), s["samples"]) for s in manifest["splits"][split]["shards"]
-            if s["samples"] > 0]
+    return [Shard(storage.shard_url(s["name"]), s["samples"], tuple(s.get("index", {}).get("offsets", ())),
+                  s.get("index", {}).get("every", 0))
+            for s in manifest["splits"][split]["shards"] if s["samples"] > 0]
 
 
-def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_) -> object:
-    """webdataset's opener for ``s3://``: a boto3 stream that asks again from where it was
-    after a transport error (endpoint, region and keys from the environment, as everywhere in
-    the project; webdataset's own runs the AWS CLI)."""
-    return S3Storage(url).open_read()
+def _open(url: str, start: int = 0):
+    """The shard's bytes from ``start`` on: a local file, or a boto3 stream that asks again
+    from where it was after a transport error (endpoint, region and keys from the environment,
+    as everywhere in the project; webdataset's own S3 opener runs the AWS CLI)."""
+    if url.startswith("s3://"):
+        return S3Storage(url).open_read(start=start)
+    f = open(url, "rb")
+    f.seek(start)
+    return f
 
 
-gopen_schemes["s3"] = _open_s3
-
-
-def read_shard(url: str) -> Iterator[dict]:
-    """Raw samples of one shard through webdataset's pipeline: {"__key__", member suffix:
-    bytes}, the image as ``img``. A damaged tar is an error naming the shard and the last
-    good sample (webdataset's own message names neither); an I/O error that outlasts the S3
-    reader's retries stays an ``OSError``, which a restart may get past."""
-    samples = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(),
-                               wds.rename(img="img.jpg;img.png"))
+def read_shard(url: str, start: int = 0) -> Iterator[dict]:
+    """Raw samples of one shard through webdataset's tar stages: {"__key__", member suffix:
+    bytes}, the image as ``img``; from byte ``start`` (a sample's first header, from the
+    shard's index) on. A damaged tar is an error naming the shard and the last good sample
+    (webdataset's own message names neither); an I/O error that outlasts the S3 reader's
+    retries stays an ``OSError``, which a restart may get past."""
+    stream = _open(url, start)
+    samples = wds.DataPipeline(lambda: iter([{"url": url, "stream": stream}]), tar_file_expander,
+                               group_by_keys, wds.rename(img="img.jpg;img.png"))
     last = None
     try:
         for sample in samples:
@@ -88,16 +95,20 @@ def read_shard(url: str) -> Iterator[dict]:
     except (tarfile.TarError, EOFError, ValueError) as err:  # (an OSError is I/O, not the format)
         raise ShardError(f"shard {url} is damaged after sample {last!r} "
                          f"({type(err).__name__}: {str(err.args[0] if err.args else err).split(' @ ')[0]}): run `dups prep` again") from err
+    finally:
+        stream.close()
 
 
 def read_samples(shard: Shard, first: int, stop: int) -> Iterator[dict]:
-    """Samples ``first`` to ``stop`` of a shard (the ones before are read past, not decoded).
-    A shard shorter than its manifest says is an error naming it: every rank must take the
-    same number of batches."""
-    n = -1
-    samples = read_shard(shard.url)
+    """Samples ``first`` to ``stop`` of a shard: read from the indexed sample at or before
+    ``first`` (from the start for a shard without an index), the ones before ``first``
+    passed over, not decoded. A shard shorter than its manifest says is an error naming it:
+    every rank must take the same number of batches."""
+    mark = min(first // shard.every, len(shard.offsets) - 1) if shard.every and shard.offsets else -1
+    n = mark * shard.every - 1 if mark >= 0 else -1
+    samples = read_shard(shard.url, shard.offsets[mark] if mark >= 0 else 0)
     try:
-        for n, sample in enumerate(samples):
+        for n, sample in enumerate(samples, start=n + 1):
             if n >= stop:
                 return
             if n >= first:
@@ -118,19 +129,24 @@ class StreamPlan:
 
 
 def plan_epoch(shards: list[Shard], epoch: int, seed: int, streams: int, batch_size: int) -> StreamPlan:
-    """The shards in a seeded order make one sequence of N samples, cut into ``streams``
-    contiguous runs of N // streams (or one more); every stream reads the first
-    m * batch_size samples of its run, m = (N // streams) // batch_size. So an epoch reads
-    every sample once, bar fewer than batch_size + 1 per stream, whatever the shard count."""
+    """The shards in a seeded order make one circular sequence of N samples, cut into
+    ``streams`` contiguous runs of N // streams (or one more) from a seeded starting point;
+    every stream reads the first m * batch_size samples of its run,
+    m = (N // streams) // batch_size. So an epoch reads every sample once, bar fewer than
+    batch_size + 1 per stream, whatever the shard count; and as the order and the starting
+    point change every epoch, so do the samples left over (with one shard, only the start
+    point moves: without it, the same samples would be left over every epoch)."""
+    rng = random.Random(f"{seed}-{epoch}")
     order = list(range(len(shards)))
-    random.Random(f"{seed}-{epoch}").shuffle(order)
+    rng.shuffle(order)
     total = sum(s.samples for s in shards)
+    start = rng.randrange(total) if total else 0
     batches = (total // streams) // batch_size
     pieces = []
     for stream in range(streams):
-        lo = stream * total // streams
+        lo = start + stream * total // streams
         hi, pos, mine = lo + batches * batch_size, 0, []
-        for i in order:
+        for i in order + order:  # twice round: a run may wrap past the end
             first, stop = max(lo, pos), min(hi, pos + shards[i].samples)
             if first < stop:
                 mine.append((i, first - pos, stop - pos))

@@ -85,6 +85,15 @@ def check_inputs(cfg: Config, pretrained: bool = True) -> None:
         if missing:
             raise FileNotFoundError(f"{root}: {len(missing)} shard(s) of the {split} split listed in "
                                     f"manifest.json are missing: {', '.join(missing[:5])}")
+        if split == "train":  # every stream must fill a batch: else every rank fails, every restart
+            samples = sum(s["samples"] for s in manifest["splits"].get(split, {}).get("shards", []))
+            world = cfg.launch.workers if cfg.launch.launcher == "ray" else 1
+            streams = world * max(1, cfg.data.workers)
+            if samples // streams < cfg.data.batch_size:
+                raise ValueError(
+                    f"{root}: {samples} training samples are too few for {world} rank(s) (launch.workers) x "
+                    f"{max(1, cfg.data.workers)} loader worker(s) (data.workers) x batch {cfg.data.batch_size} "
+                    f"(data.batch_size): lower one of them")
     if pretrained and cfg.train.pretrained:
         from .checkpoints import find_checkpoint, local_file
 
@@ -318,6 +327,22 @@ class Trainer:
         self.tracker.tag("exported_weights", out)
         log.info("exported the pre-trained weights to %s", out)
 
+    def _eval_model(self):
+        """The engine's module; under ZeRO-3 on several ranks a whole copy of it instead (the
+        parameters gathered once, together): its forwards need no collective, so a rank with
+        one image fewer than the others cannot leave them waiting in a parameter gather."""
+        module = self.engine.module
+        if self.cfg.engine.zero_stage != 3 or self.world == 1:
+            return module
+        import deepspeed
+
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights: not from the run's RNG
+            whole = build_model(self.cfg)
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            whole.load_state_dict({k: v.detach().clone() for k, v in module.state_dict().items()})
+        return whole.to(self.device, params[0].dtype)
+
     def evaluate(self) -> dict:
         from .evaluate import evaluate, evaluate_classification
 
@@ -325,7 +350,7 @@ class Trainer:
         val_root = cfg.data.val or cfg.data.train
         manifest = self.manifest if val_root == cfg.data.train else load_manifest(val_root)
         shards = shards_of(val_root, manifest, "val")
-        model = self.engine.module
+        model = self._eval_model()
         if self.pretrain:
             stream = EvalStream(shards, _ClassificationEval(cfg.data.image_size), self.rank, self.world,
                                 cfg.data.max_eval_images)

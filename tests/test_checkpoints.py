@@ -280,7 +280,11 @@ def test_a_file_that_would_run_code_is_refused(tmp_path):
 def test_a_fresh_ray_launch_starts_at_step_0_and_resume_takes_the_named_checkpoint(shards, tmp_path, monkeypatch):
     """A second launch of the same name without --resume is a new run (its own MLflow run,
     params and step 0), not a continuation of the first; --resume naming the first launch's
-    checkpoint continues that one, though a newer launch exists."""
+    checkpoint continues that one, though a newer launch exists. With keep_checkpoints=1 a
+    complete checkpoint exists at every moment after the first."""
+    import threading
+    import time
+
     import ray
     from mlflow import MlflowClient
 
@@ -288,16 +292,33 @@ def test_a_fresh_ray_launch_starts_at_step_0_and_resume_takes_the_named_checkpoi
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     common = ["train.eval_every=100", "launch.workers=2", "train.checkpoint_every=2"]
+    runs_dir, counts, stop = tmp_path / "ray" / "demo", [], threading.Event()
+
+    def watch(skip: str):  # complete checkpoints of the second launch, polled
+        deadline = time.monotonic() + 300
+        while not stop.is_set() and time.monotonic() < deadline:
+            n = len([p for p in runs_dir.glob(f"*/step*/{COMPLETE}") if p.parts[-3] != skip])
+            if n or counts:
+                counts.append(n)
+            time.sleep(0.005)
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         first = train_ray(th.test_config(shards, tmp_path, "train.iters=2", *common))
-        second = train_ray(th.test_config(shards, tmp_path, "train.iters=4", "optim.lr=0.0005", *common))
         old = first.checkpoint.path.rstrip("/")
+        watcher = threading.Thread(target=watch, args=(Path(old).parent.name,), daemon=True)
+        watcher.start()
+        second = train_ray(th.test_config(shards, tmp_path, "train.iters=4", "optim.lr=0.0005", *common,
+                                          "train.checkpoint_every=1", "train.keep_checkpoints=1"))
+        stop.set()
+        watcher.join(timeout=10)
         third = train_ray(th.test_config(shards, tmp_path, "train.iters=4", *common), resume=old)
     finally:
         ray.shutdown()
     assert first.error is None and second.error is None and third.error is None
     assert len({Path(r.checkpoint.path).parent for r in (first, second, third)}) == 3
+    assert counts and min(counts) == 1 and counts[-1] == 1, counts[:20]  # never none, never two for long
+    assert [p.name for p in Path(second.checkpoint.path).parent.glob("step*")] == ["step00000004"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
     runs = client.search_runs([client.get_experiment_by_name("dups-demo").experiment_id],
                               order_by=["attributes.start_time ASC"])

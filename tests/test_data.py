@@ -1,5 +1,6 @@
 """Streaming loader: exact resume, equal batches on every rank, no duplicates, S3, score maps."""
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from data_prep.job import prepare
 from data_prep.synth import write_ade20k_layout
 from model.edges import edge_scores
 from pipeline import augment
-from pipeline.data import TrainStream, load_manifest, read_shard, shards_of, train_loader
+from pipeline.data import TrainStream, load_manifest, plan_epoch, read_samples, read_shard, shards_of, train_loader
 from pipeline.config import load_config
 from pipeline.train import _SegmentationEval, _SegmentationTransform
 
@@ -150,6 +151,69 @@ def test_an_epoch_reads_every_sample_once(five_shards):
         assert len(keys) == len(set(keys)), "a sample was served twice in one epoch"
         assert set(keys) <= split and len(split) - len(keys) < streams * (batch + 1)
         assert len(keys) == 20  # 23 // 4 streams = 5 each (dealing whole shards gave 16)
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory):
+    """23 training samples in one shard, indexed every 4th sample."""
+    import data_prep.job as job
+
+    root = tmp_path_factory.mktemp("one")
+    write_ade20k_layout(root / "src", train=23, val=1, size=(96, 128), seed=9)
+    every, job.INDEX_EVERY = job.INDEX_EVERY, 4
+    try:
+        prepare("ade20k", str(root / "src"), str(root / "shards"), shard_bytes=10**9, progress=False,
+                use_ray=False)
+    finally:
+        job.INDEX_EVERY = every
+    return str(root / "shards")
+
+
+def test_with_one_shard_every_sample_is_trained_on_and_no_epoch_repeats_one(one_shard):
+    """ADE20K's training split is one shard at the default size: with the cut points fixed,
+    the same samples were left over every epoch, for the whole run."""
+    shards = shards_of(one_shard, load_manifest(one_shard), "train")
+    assert len(shards) == 1 and shards[0].samples == 23 and shards[0].every == 4
+    assert len(shards[0].offsets) == 6
+    seen = set()
+    for epoch in range(8):  # 4 streams x 2 batches of 2 = 16 of 23 per epoch
+        plan = plan_epoch(shards, epoch, seed=4, streams=4, batch_size=2)
+        mine = [n for pieces in plan.pieces for _, first, stop in pieces for n in range(first, stop)]
+        assert len(mine) == len(set(mine)) == 16
+        seen |= set(mine)
+    assert seen == set(range(23))
+    split = [s["__key__"] for s in read_shard(shards[0].url)]
+    for epoch in (0, 1):  # through the loaders, with runs that wrap past the shard's end
+        keys = []
+        for rank in range(2):
+            loader, position = train_loader(shards, TRANSFORM, 2, rank, 2, 2, seed=4, shuffle_buffer=4,
+                                            position={"epoch": epoch, "taken": 0})
+            keys += [k for b in take(loader, position.stream.batches_per_epoch(epoch)) for k in b["keys"]]
+        plan = plan_epoch(shards, epoch, seed=4, streams=4, batch_size=2)
+        assert sorted(keys) == sorted(split[n] for pieces in plan.pieces for _, a, b in pieces for n in range(a, b))
+
+
+def test_a_stream_seeks_to_its_samples_through_the_shard_index(one_shard, tmp_path, s3_server, monkeypatch):
+    import boto3
+
+    from s3_proxy import StallingProxy
+
+    shard = shards_of(one_shard, load_manifest(one_shard), "train")[0]
+    everything = list(read_shard(shard.url))
+    for first, stop in ((0, 3), (5, 9), (8, 9), (17, 23), (22, 23)):
+        assert list(read_samples(shard, first, stop)) == everything[first:stop]
+    boto3.client("s3").create_bucket(Bucket="shards")
+    boto3.client("s3").upload_file(shard.url, "shards", "one.tar")
+    remote = type(shard)("s3://shards/one.tar", shard.samples, shard.offsets, shard.every)
+    proxy = StallingProxy(s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        got = [{k: v for k, v in sample.items() if k != "__url__"} for sample in read_samples(remote, 20, 23)]
+        assert got == [{k: v for k, v in sample.items() if k != "__url__"} for sample in everything[20:23]]
+    finally:
+        proxy.close()
+    size = Path(shard.url).stat().st_size
+    assert proxy.answered < size * 0.3, (proxy.answered, size)  # from sample 20's header, not byte 0
 
 
 def test_prep_mixes_a_class_sorted_listing(tmp_path):

@@ -55,8 +55,9 @@ def test_resume_continues_exactly_and_logs_to_the_same_run(shards, tmp_path):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/curves.png"]
 
 
-def run_two_ranks(shards, out, overrides) -> dict[int, list[float]]:
-    """Losses of each rank of a spawned 2-rank gloo group (no Ray)."""
+def run_two_ranks(shards, out, overrides, evals: bool = False) -> dict[int, list[float]]:
+    """Losses of each rank of a spawned 2-rank gloo group (no Ray); with ``evals``, the last
+    evaluation's metrics."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -77,7 +78,7 @@ def run_two_ranks(shards, out, overrides) -> dict[int, list[float]]:
             p.kill()
     assert sorted(r[0] for r in results) == [0, 1] and all(p.exitcode == 0 for p in procs)
     assert all(r[1] == 3 for r in results)
-    return {r[0]: r[2] for r in results}
+    return {r[0]: r[3] if evals else r[2] for r in results}
 
 
 def test_zero_stages_1_2_3_compute_the_same_training(shards, tmp_path):
@@ -91,6 +92,20 @@ def test_zero_stages_1_2_3_compute_the_same_training(shards, tmp_path):
         for stage in (1, 3):
             assert losses[stage][rank] == pytest.approx(losses[2][rank], rel=1e-4), (stage, rank)
     assert losses[2][0] != losses[2][1]  # the ranks read different samples
+
+
+def test_zero3_evaluates_when_the_ranks_hold_unequal_numbers_of_images(tmp_path):
+    """3 validation images on 2 ranks (2 and 1): under ZeRO-3 a forward gathers parameters
+    from every rank, so rank 0's second image would wait for ever for rank 1."""
+    shards = th.make_dataset(tmp_path / "data", train=8, val=3)
+    common = ["train.iters=3", "train.eval_every=3", "train.checkpoint_every=3", "launch.workers=2",
+              "train.pictures=0", "optim.lr=0.001", "optim.warmup_iters=1"]
+    evals = {stage: run_two_ranks(shards, tmp_path / str(stage), common + [f"engine.zero_stage={stage}"], evals=True)
+             for stage in (2, 3)}
+    for rank in (0, 1):
+        assert evals[3][rank].keys() == evals[2][rank].keys() and "val/mIoU" in evals[3][rank]
+        for key, value in evals[2][rank].items():
+            assert evals[3][rank][key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
 
 
 def test_two_ray_workers_zero2_learn_on_uneven_shards(shards, tmp_path, monkeypatch, capfd):
@@ -217,3 +232,16 @@ def test_bad_inputs_are_found_before_anything_starts(shards, tmp_path):
         train_local(th.test_config(str(copy), tmp_path, "launch.launcher=local"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         check_inputs(th.test_config(shards, tmp_path, f"train.pretrained={tmp_path}/none.safetensors"))
+
+
+def test_a_dataset_too_small_for_the_streams_fails_once_before_ray_starts(tmp_path):
+    """Every stream (rank x loader worker) must fill a batch: found on the driver, one line,
+    before Ray, MLflow or any worker starts (else every rank fails, in every restart)."""
+    import ray
+
+    shards = th.make_dataset(tmp_path / "data", train=6, val=1)
+    cfg = th.test_config(shards, tmp_path, "launch.workers=2", "data.workers=2", "data.batch_size=2")
+    with pytest.raises(ValueError, match=r"6 training samples are too few for 2 rank\(s\) \(launch.workers\) x "
+                                         r"2 loader worker\(s\) \(data.workers\) x batch 2"):
+        train_ray(cfg)
+    assert not ray.is_initialized() and not (tmp_path / "mlruns.db").exists()

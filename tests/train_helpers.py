@@ -35,6 +35,6 @@ def spawned_rank(rank: int, world: int, port: int, overrides: list[str], shards:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = test_config(shards, Path(out), *overrides)
     result = train(cfg, local_hooks(cfg))
-    queue.put((rank, result.steps, result.losses))
+    queue.put((rank, result.steps, result.losses, result.eval))
     dist.barrier()
     dist.destroy_process_group()
