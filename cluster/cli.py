@@ -115,6 +115,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+                         "use --device cpu (or auto)")
     config = load_config(args.config) if args.config else None
     pre = load_pretrained(args.checkpoint, device, config)
     if args.bf16:
@@ -123,7 +126,8 @@ def _predict(args: argparse.Namespace) -> int:
         encoder = pre.model.encoder
         encoder.ratio_policy = dataclasses.replace(encoder.ratio_policy, bucket=args.bucket)
     report = predict_images(pre, args.images, args.out, args.batch_size, args.workers,
-                            tokens=args.tokens, stats=args.stats, dataset=args.dataset)
+                            tokens=args.tokens, stats=args.stats, dataset=args.dataset,
+                            short_side=args.short_side)
     print(f"segmented {report.images} images with {report.source} into {report.out} "
           f"({report.seconds:.1f} s); {len(report.failed)} unreadable"
           + (f" (listed in {report.out}/report.json)" if report.failed else ""))
@@ -223,6 +227,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--bucket", type=float, default=None, help="pad eq. 1's budgets to multiples of this "
                    "fraction of the candidates (fewer shapes for a compiled forward; same labels)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    p.add_argument("--short-side", type=int, default=None, help="the short side each image runs at, labels "
+                   "written at the image's own size (default: the weights' data.eval_short_side, as "
+                   "evaluation runs; 0 = every image as it is, memory growing with its size)")
     p.add_argument("--tokens", action="store_true", help="also the token-selection picture of each image")
     p.add_argument("--stats", action="store_true", help="also GFLOPs and tokens per stage of each image "
                    "(stats.jsonl)")

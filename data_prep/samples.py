@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from model.edges import SCORE_SCALES, edge_map, edge_scores
+from model.images import rgb
 
 from .readers import SampleRef
 
@@ -33,17 +34,21 @@ def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def check_image(data: bytes, path: str) -> tuple[int, int]:
-    """Fully decodes the image (a truncated file fails here); returns (width, height)."""
+def check_image(data: bytes, path: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Fully decodes the image as training will read it (a truncated file fails here; EXIF
+    orientation applied, 16-bit scaled); returns its (width, height) as shown."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            mode, size = im.mode, im.size
+            stored = im.size
+            height, width = rgb(im).shape[:2]
+    except Image.DecompressionBombError as err:
+        raise BadInput(f"image too large ({err})", path) from err
+    except ValueError as err:  # a mode rgb() does not read
+        raise BadInput(f"unsupported image: {err}", path) from err
     except Exception as err:
         raise BadInput(f"corrupt or truncated image ({type(err).__name__}: {err})", path) from err
-    if mode not in ("RGB", "L", "RGBA", "P", "CMYK"):
-        raise BadInput(f"unsupported image mode {mode}", path)
-    return size
+    return (width, height), stored
 
 
 def read_label(data: bytes, path: str) -> np.ndarray:
@@ -103,11 +108,14 @@ def _image_member(path: str) -> str:
 def encode_segmentation(ref: SampleRef, table: np.ndarray, valid: np.ndarray) -> tuple[dict, dict]:
     """(tar members, statistics) of one segmentation sample, or BadInput."""
     image = _read(ref.image)
-    width, height = check_image(image, ref.image)
+    (width, height), stored = check_image(image, ref.image)
     raw = read_label(_read(ref.label), ref.label)
     if raw.shape != (height, width):
+        turned = (f" (it matches the image as stored, {stored[0]}x{stored[1]}; the image's EXIF "
+                  "orientation turns it, and labels are read against the image as shown)"
+                  if raw.shape == (stored[1], stored[0]) else "")
         raise BadInput(f"label size {raw.shape[1]}x{raw.shape[0]} differs from image size "
-                       f"{width}x{height}", ref.label)
+                       f"{width}x{height}{turned}", ref.label)
     bad = np.unique(raw[~valid[raw]])
     if bad.size:
         raise BadInput(f"label values out of range: {bad[:10].tolist()}", ref.label)
@@ -124,7 +132,7 @@ def encode_segmentation(ref: SampleRef, table: np.ndarray, valid: np.ndarray) ->
 
 def encode_classification(ref: SampleRef) -> tuple[dict, dict]:
     image = _read(ref.image)
-    width, height = check_image(image, ref.image)
+    (width, height), _ = check_image(image, ref.image)
     meta = {"width": width, "height": height, "source": Path(ref.image).name, "synset": ref.synset}
     members = {"__key__": ref.key, _image_member(ref.image): image, "cls": str(ref.cls).encode(),
                "json": json.dumps(meta, sort_keys=True).encode()}

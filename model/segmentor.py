@@ -6,9 +6,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from .config import decoder_config, encoder_config
+from .images import resize_short_side, rgb, short_side_size
 from .decoder import MaskedTransformerDecoder, PointPixelDecoder, Prediction
 from .attention import set_backend
 from .encoder import DUPSEncoder
@@ -28,11 +30,12 @@ def normalise(image: np.ndarray) -> Tensor:
 
 
 def to_input(image) -> Tensor:
-    """An RGB image (PIL image, or H x W x 3 uint8 array / tensor) as the model's normalised
-    (3, H, W) float input; a (3, H, W) float tensor is taken as normalised already."""
+    """An RGB image (PIL image, oriented as its EXIF says, or H x W x 3 uint8 array / tensor)
+    as the model's normalised (3, H, W) float input; a (3, H, W) float tensor is taken as
+    normalised already."""
     if isinstance(image, Tensor) and image.dim() == 3 and image.shape[0] == 3 and image.is_floating_point():
         return image
-    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    arr = rgb(image) if isinstance(image, Image.Image) else np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected an RGB image (H x W x 3), got shape {tuple(arr.shape)}")
     return normalise(arr)
@@ -128,12 +131,32 @@ class DUPSSegmentor(nn.Module):
         return semantic_probabilities(out, (h + ph, w + pw))[..., :h, :w]
 
     @torch.no_grad()
-    def predict(self, images, policy: RatioPolicy | None = None) -> list[Tensor]:
-        """Class ids (H, W) of each image: RGB images of any sizes (PIL, H x W x 3 uint8
-        arrays) or normalised (3, H, W) tensors, or a normalised (B, 3, H, W) batch. Images of
-        one size run as one batch (see ``probabilities``)."""
-        inputs = list(images) if not isinstance(images, Tensor) or images.dim() == 4 else [images]
-        inputs = [to_input(im) for im in inputs]
+    def predict(self, images, policy: RatioPolicy | None = None, short_side: int = 0):
+        """Class ids (H, W) of one image, or a list of them for a list of images or a
+        normalised (B, 3, H, W) batch. Images: RGB of any size (PIL, oriented as their EXIF
+        says; H x W x 3 uint8 arrays) or normalised (3, H, W) tensors. Images of one size run
+        as one batch (see ``probabilities``). ``short_side``: each image runs at that short
+        side (resized as evaluation resizes) and its class probabilities are brought back to
+        its own size before the argmax, a few classes at a time (memory stays bounded for a
+        20-megapixel photo); 0 = as given."""
+        single = isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, Tensor) and images.dim() == 3)
+        given = [images] if single else list(images)
+        sizes, inputs = [], []
+        for im in given:
+            if isinstance(im, Tensor):
+                x = to_input(im)
+                h, w = x.shape[-2:]
+                if short_side and min(h, w) != short_side:
+                    x = F.interpolate(x[None], short_side_size(h, w, short_side), mode="bilinear",
+                                      antialias=True, align_corners=False)[0]
+            else:
+                arr = rgb(im) if isinstance(im, Image.Image) else np.asarray(im)
+                h, w = arr.shape[:2]
+                if short_side and min(h, w) != short_side:  # uint8, as evaluation resizes
+                    arr = resize_short_side(arr, None, short_side)[0]
+                x = to_input(arr)
+            sizes.append((h, w))
+            inputs.append(x)
         weight = next(self.parameters())  # bf16 weights (``model.to(torch.bfloat16)``) take bf16 inputs
         labels: list[Tensor | None] = [None] * len(inputs)
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -141,9 +164,26 @@ class DUPSSegmentor(nn.Module):
             by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
         for idx in by_size.values():
             batch = torch.stack([inputs[i] for i in idx]).to(weight.device, weight.dtype)
-            for i, lab in zip(idx, self.probabilities(batch, policy).argmax(1).cpu()):
-                labels[i] = lab
-        return labels
+            for i, probs in zip(idx, self.probabilities(batch, policy)):
+                labels[i] = (probs.argmax(0) if tuple(probs.shape[-2:]) == sizes[i]
+                             else _argmax_at(probs, sizes[i])).cpu()
+        return labels[0] if single else labels
+
+
+def _argmax_at(probs: Tensor, size: tuple[int, int], classes_at_once: int = 8) -> Tensor:
+    """argmax over classes of ``probs`` (K, h, w) resized bilinearly to ``size``, as evaluation
+    resizes them, without holding all K full-size maps at once."""
+    best, arg = None, None
+    for k in range(0, probs.shape[0], classes_at_once):
+        up = F.interpolate(probs[None, k:k + classes_at_once].float(), size=size, mode="bilinear",
+                           align_corners=False)[0]
+        value, index = up.max(0)
+        if best is None:
+            best, arg = value, index
+        else:
+            better = value > best  # (ties: the lower class, as one argmax over all would)
+            best, arg = torch.where(better, value, best), torch.where(better, index + k, arg)
+    return arg
 
 
 def build_segmentor(name: str, num_classes: int = 150, encoder: dict | None = None,

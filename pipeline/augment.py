@@ -17,16 +17,12 @@ import torch
 from PIL import Image
 
 from model.edges import SCORE_SCALES, edge_scores
+from model.images import decode_rgb, resize, resize_short_side
 from model.segmentor import normalise
 
 from . import classification_aug
 
 IGNORE = 255
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def decode_label(data: bytes) -> np.ndarray:
@@ -36,18 +32,6 @@ def decode_label(data: bytes) -> np.ndarray:
 
 def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def resize(image: np.ndarray, label: np.ndarray | None, height: int, width: int):
-    img = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-    lab = None if label is None else np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
-    return img, lab
-
-
-def resize_short_side(image, label, short: int):
-    h, w = image.shape[:2]
-    s = short / min(h, w)
-    return resize(image, label, max(1, round(h * s)), max(1, round(w * s)))
 
 
 def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -81,7 +65,7 @@ def pad_to(image: torch.Tensor, label: torch.Tensor, height: int, width: int):
 def train_segmentation(sample: dict, crop: int, rng: np.random.Generator,
                        scale_range=(0.5, 2.0), use_photometric: bool = True,
                        edge_radius: int = 0) -> dict:
-    image = decode_image(sample["img"])
+    image = decode_rgb(sample["img"])
     label = decode_label(sample["seg.png"])
     image, label = resize_short_side(image, label, int(crop * rng.uniform(*scale_range)))
     h, w = label.shape
@@ -102,7 +86,7 @@ def eval_segmentation(sample: dict, short_side: int, edge_radius: int = 0) -> di
     """Image resized to ``short_side`` (0 = unchanged) and padded to multiples of 32; the label
     stays at its original size (mIoU is measured there). Score maps: the shard's own when the
     image is unchanged and ``edge_radius`` is the shards' 0, else recomputed from the label."""
-    image = decode_image(sample["img"])
+    image = decode_rgb(sample["img"])
     label = decode_label(sample["seg.png"])
     unchanged = short_side == 0 or min(label.shape) == short_side
     if unchanged and edge_radius == 0:
@@ -124,7 +108,7 @@ def train_classification(sample: dict, size: int, rng: np.random.Generator, rand
     """RandomResizedCrop (area 0.08..1, ratio 3/4..4/3), a horizontal flip, then optionally
     RandAugment (``rand_augment``: its keywords, ``classification_aug.parse_rand_augment`` of
     timm's notation) and random erasing with probability ``random_erasing``."""
-    image = decode_image(sample["img"])
+    image = decode_rgb(sample["img"])
     h, w = image.shape[:2]
     for _ in range(10):
         area = h * w * rng.uniform(0.08, 1.0)
@@ -148,7 +132,7 @@ def train_classification(sample: dict, size: int, rng: np.random.Generator, rand
 
 
 def eval_classification(sample: dict, size: int) -> dict:
-    image, _ = resize_short_side(decode_image(sample["img"]), None, round(size / 0.875))
+    image, _ = resize_short_side(decode_rgb(sample["img"]), None, round(size / 0.875))
     h, w = image.shape[:2]
     top, left = (h - size) // 2, (w - size) // 2
     image = image[top:top + size, left:left + size]

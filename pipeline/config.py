@@ -131,6 +131,7 @@ class TrainConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = 2
+    zero3_persist_below: int = 100_000  # ZeRO-3: tensors of fewer elements stay whole on every rank
     precision: str = "bf16"  # bf16 or fp32
     grad_accum: int = 1
 

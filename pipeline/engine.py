@@ -66,7 +66,9 @@ def deepspeed_config(cfg: Config) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.engine.grad_accum,
         "gradient_clipping": cfg.optim.clip_grad,
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "zero_optimization": {"stage": cfg.engine.zero_stage,
+                              **({"stage3_param_persistence_threshold": cfg.engine.zero3_persist_below}
+                                 if cfg.engine.zero_stage == 3 else {})},
         "bf16": {"enabled": cfg.engine.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,

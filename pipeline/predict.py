@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from model.images import decode_rgb, resize_short_side
 from model.segmentor import DUPSSegmentor, to_input
 
-from .augment import decode_image
 from .measure import flop_counter
 from .pictures import overlay, token_figure
 from .pretrained import Pretrained
@@ -32,19 +32,37 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def list_images(inputs: list[str]) -> list[tuple[Path, str]]:
-    """(file, output name without suffix) of every image named or found (recursively) in a
-    folder; output names keep the folder structure so that equal file names do not collide."""
+    """(file, output name without suffix) of every image named, or found (recursively) in a
+    folder: a file's own name, or its path inside the folder given, so that equal file names
+    in subfolders do not collide. Two inputs that would write the same name are refused."""
     found = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            found += [(p, str(Path(path.name) / p.relative_to(path).with_suffix(""))) for p in files]
+            found += [(p, str(p.relative_to(path).with_suffix(""))) for p in files]
         elif path.is_file():
             found.append((path, path.stem))
         else:
             raise FileNotFoundError(f"no such image or folder: {item}")
+    seen: dict[str, Path] = {}
+    for file, name in found:
+        if name in seen and seen[name] != file:
+            raise ValueError(f"{seen[name]} and {file} would both write labels/{name}.png: give them "
+                             "in separate runs (or folders with different layouts)")
+        seen[name] = file
     return found
+
+
+_BYTES_IO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")
+
+
+def _reason(err: Exception) -> str:
+    """An image's decoding error as one line (Pillow names the in-memory buffer, not the file)."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file Pillow can read (unknown format, or not an image at all)"
+    text = _BYTES_IO.sub("", str(err)).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 class _Images(torch.utils.data.Dataset):
@@ -57,10 +75,10 @@ class _Images(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        try:  # the decoder evaluation uses on the shards' bytes
-            return i, decode_image(self.files[i][0].read_bytes()), None
+        try:  # the decoder training and evaluation use: EXIF orientation, 16-bit scaled
+            return i, decode_rgb(self.files[i][0].read_bytes()), None
         except (OSError, ValueError, Image.DecompressionBombError) as err:
-            return i, None, f"{type(err).__name__}: {err}"
+            return i, None, _reason(err)
 
 
 @dataclass
@@ -88,16 +106,19 @@ def label_ids(pre: Pretrained, dataset: str | None) -> tuple[np.ndarray | None, 
 
 def predict_images(pre: Pretrained, inputs: list[str], out: str, batch_size: int = 4, workers: int = 2,
                    tokens: bool = False, stats: bool = False, dataset: str | None = None,
-                   progress: bool = True) -> PredictReport:
+                   progress: bool = True, short_side: int | None = None) -> PredictReport:
     """Segments every image in ``inputs`` (files or folders) into ``out``: ``labels/NAME.png``,
     ``overlay/NAME.jpg``, with ``tokens`` ``tokens/NAME.png``, with ``stats`` a line per image
     in ``stats.jsonl``; ``report.json`` lists what failed. ``tokens`` and ``stats`` run each
-    image on its own, so its FLOPs and chosen tokens are its own."""
+    image on its own, so its FLOPs and chosen tokens are its own. ``short_side``: the size
+    each image runs at, labels written at its own size (default: the weights' evaluation
+    size, ``data.eval_short_side``; 0 = every image as it is)."""
     model: DUPSSegmentor = pre.model
     if not isinstance(model, DUPSSegmentor):
         raise ValueError(f"{pre.source}: these are ImageNet pre-training weights (a classifier); "
                          "fine-tune them on a segmentation dataset first (train.pretrained=...)")
     files = list_images(inputs)
+    short = pre.config.data.eval_short_side if short_side is None else short_side
     ids, names = label_ids(pre, dataset)
     classes = model.num_classes
     root = Path(out)
@@ -114,23 +135,25 @@ def predict_images(pre: Pretrained, inputs: list[str], out: str, batch_size: int
             for i, _, reason in batch:
                 if reason is not None:
                     report.failed.append({"file": str(files[i][0]), "reason": reason})
-                    print(f"dups predict: cannot read {files[i][0]}: {reason}", file=sys.stderr)
+                    bar.write(f"dups predict: cannot read {files[i][0]}: {reason}")
             captured.clear()
             if tokens or stats:
                 with flop_counter() as counter:
-                    labels = model.predict([rgb for _, rgb in good])
+                    labels = model.predict([rgb for _, rgb in good], short_side=short)
                 gflops = counter.get_total_flops() / 2e9
             else:
-                labels = model.predict([rgb for _, rgb in good])
+                labels = model.predict([rgb for _, rgb in good], short_side=short)
             for (i, rgb), lab in zip(good, labels):
                 name = files[i][1]
                 lab = lab.numpy()
                 _save(root / "labels" / f"{name}.png", Image.fromarray(
                     (ids[lab] if ids is not None else lab).astype(np.uint8 if classes < 256 else np.uint16)))
                 _save(root / "overlay" / f"{name}.jpg", overlay(rgb, lab, classes), quality=90)
-                if tokens:
-                    _save(root / "tokens" / f"{name}.png",
-                          token_figure(to_input(rgb), None, lab, captured[-1].records, classes))
+                if tokens:  # drawn at the size the model saw
+                    seen, seen_lab = ((rgb, lab) if not short or min(lab.shape) == short
+                                      else resize_short_side(rgb, lab.astype(np.uint16), short))
+                    _save(root / "tokens" / f"{name}.png", token_figure(
+                        to_input(seen), None, seen_lab.astype(np.int64), captured[-1].records, classes))
                 if stats:
                     present = np.unique(lab).tolist()
                     report.stats.append({

@@ -74,6 +74,13 @@ class ProgressBar:
                 self.bar.set_description(f"{self.desc} {shown}")
         self.bar.update(n)
 
+    def write(self, line: str) -> None:
+        """One line on stderr that the bar does not break (tqdm redraws below it)."""
+        if self.bar is not None and hasattr(self.bar, "write"):
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -48,15 +48,15 @@ def test_predict_writes_what_eval_measures_and_reports_bad_images(trained, tmp_p
     # the label PNGs hold ADE20K's own ids (1..150); remapped, they score what `dups eval` does
     table, _ = remap_table("ade20k")
     conf = 0
-    pngs = sorted((out / "labels" / "validation").glob("*.png"))
+    pngs = sorted((out / "labels").glob("*.png"))
     assert len(pngs) == 3
     for png in pngs:
         raw = np.asarray(Image.open(png))
         assert raw.min() >= 1 and raw.dtype == np.uint8
         gt = table[np.asarray(Image.open(trained["labels"] / png.name))]
         conf = conf + confusion(torch.from_numpy(table[raw].astype(np.int64)), torch.from_numpy(gt.astype(np.int64)), 150)
-        assert (out / "overlay" / "validation" / f"{png.stem}.jpg").is_file()
-        assert Image.open(out / "tokens" / "validation" / png.name).size[1] == raw.shape[0]
+        assert (out / "overlay" / f"{png.stem}.jpg").is_file()
+        assert Image.open(out / "tokens" / png.name).size[1] == raw.shape[0]
     mine = scores_from_confusion(conf)
     _, res = run_eval(trained["cfg"], trained["checkpoint"])
     assert len({len(np.unique(np.asarray(Image.open(p)))) for p in pngs} | {1}) > 1  # not one class everywhere
@@ -127,3 +127,106 @@ def test_a_checkpoint_keeps_its_model_when_a_default_changes(trained, monkeypatc
     url, resumed = resume_point(cfg, trained["checkpoint"])
     assert url == trained["checkpoint"] and build_model(resumed).pixel_decoder.fuse_coarse is True
     assert build_model(resume_point(named, trained["checkpoint"])[1]).pixel_decoder.fuse_coarse is False
+
+
+def _exif_rotated(image: Image.Image, path: Path) -> None:
+    """Saves ``image`` as a camera would when held upright: stored turned, EXIF orientation 6
+    (viewers turn it 90 degrees clockwise back)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif)
+
+
+def test_photos_as_cameras_write_them(trained, tmp_path, capsys):
+    """EXIF orientation applied, 16-bit scaled to 8 bits, a single image in, one label out;
+    outputs named as the README says; one clear line for a bad file and a CUDA-less --device."""
+    model = DUPSSegmentor.from_pretrained(trained["weights"])
+    photo = Image.open(sorted(trained["images"].glob("*.jpg"))[0]).convert("RGB")
+    shown = np.asarray(photo)
+    src = tmp_path / "camera"
+    src.mkdir()
+    _exif_rotated(photo, src / "upright.jpg")
+    stored = Image.open(src / "upright.jpg")
+    assert stored.size == photo.size[::-1]  # stored turned, shown upright
+    grey = np.asarray(photo.convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(src / "grey16.png")  # 16-bit, as scanners write
+    assert Image.open(src / "grey16.png").mode == "I;16"
+    (src / "notes.png").write_bytes(b"not an image at all")
+
+    single = model.predict(Image.open(src / "upright.jpg"))  # one image in: one label map out
+    assert isinstance(single, torch.Tensor) and single.shape == shown.shape[:2]
+    turned_back = np.asarray(stored.convert("RGB").transpose(Image.Transpose.ROTATE_270))  # by hand
+    assert torch.equal(single, model.predict(turned_back))
+    out = tmp_path / "out"
+    assert cli_main(["predict", str(src), "--checkpoint", trained["weights"], "--out", str(out),
+                     "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "notes.png" in line]
+    assert len(lines) == 1 and "not an image file Pillow can read" in lines[0] and "BytesIO" not in err
+    table, _ = remap_table("ade20k")
+    upright = table[np.asarray(Image.open(out / "labels" / "upright.png"))]
+    assert upright.shape == shown.shape[:2]  # labels/NAME.png, lined up with the photo as shown
+    assert np.array_equal(upright, single.numpy())
+    assert Image.open(out / "overlay" / "upright.jpg").size == photo.size
+    sixteen = table[np.asarray(Image.open(out / "labels" / "grey16.png"))]
+    expected = model.predict(np.repeat(grey[..., None], 3, axis=2)).numpy()
+    assert np.array_equal(sixteen, expected) and len(np.unique(sixteen)) > 1  # not clipped to white
+
+    assert cli_main(["predict", str(src / "upright.jpg"), "--checkpoint", trained["weights"],
+                     "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dups predict: error: --device cuda: this torch ({torch.__version__}) sees no CUDA "
+                   "device; use --device cpu (or auto)"]
+    (tmp_path / "other").mkdir()
+    Image.fromarray(shown).save(tmp_path / "other" / "upright.jpg")
+    assert cli_main(["predict", str(src), str(tmp_path / "other"), "--checkpoint", trained["weights"],
+                     "--out", str(tmp_path / "clash")]) == 2
+    assert "would both write labels/upright.png" in capsys.readouterr().err
+
+
+def test_predict_at_the_evaluation_size_scores_what_eval_does(trained, tmp_path):
+    """--short-side runs each image as evaluation does at data.eval_short_side (a 20-megapixel
+    photo costs what a 512-pixel one does) and writes labels at the image's own size."""
+    import dataclasses
+
+    out = tmp_path / "pred"
+    assert cli_main(["predict", str(trained["images"]), "--checkpoint", trained["weights"], "--out", str(out),
+                     "--short-side", "64", "--workers", "0"]) == 0
+    table, _ = remap_table("ade20k")
+    conf = 0
+    for png in sorted((out / "labels").glob("*.png")):
+        gt = table[np.asarray(Image.open(trained["labels"] / png.name))]
+        raw = np.asarray(Image.open(png))
+        assert raw.shape == gt.shape
+        conf = conf + confusion(torch.from_numpy(table[raw].astype(np.int64)), torch.from_numpy(gt.astype(np.int64)), 150)
+    cfg = trained["cfg"]
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_short_side=64))
+    _, res = run_eval(cfg, trained["checkpoint"])
+    assert scores_from_confusion(conf)["mIoU"] == pytest.approx(res.mIoU, abs=1e-9)
+
+
+def test_prep_reads_images_as_shown(tmp_path):
+    """A photo stored turned with EXIF orientation: its label is drawn on it as shown (as
+    detectron2 and OpenCV read it); a label drawn on the stored pixels is refused, saying why."""
+    import prep_fixtures as fx
+    from data_prep.job import prepare
+    from pipeline.augment import eval_segmentation
+    from pipeline.data import load_manifest, read_shard, shards_of
+
+    src = tmp_path / "src"
+    fx.ade20k_with_bad_inputs(src, train=2, val=1)
+    img, ann = src / "images" / "training", src / "annotations" / "training"
+    photo = Image.open(img / "SYN_train_00000001.jpg").convert("RGB")
+    label = np.asarray(Image.open(ann / "SYN_train_00000001.png"))
+    _exif_rotated(photo, img / "TURNED_good.jpg")
+    Image.fromarray(label).save(ann / "TURNED_good.png")
+    _exif_rotated(photo, img / "TURNED_bad.jpg")
+    Image.fromarray(np.rot90(label)).save(ann / "TURNED_bad.png")  # drawn on the stored pixels
+    manifest = prepare("ade20k", str(src), str(tmp_path / "out"), progress=False, use_ray=False)
+    bad = [r for r in manifest["rejected"] if "TURNED" in r["file"]]
+    assert [r["file"].rsplit("/", 1)[1] for r in bad] == ["TURNED_bad.png"]
+    assert "it matches the image as stored" in bad[0]["reason"] and "EXIF orientation" in bad[0]["reason"]
+    shards = shards_of(str(tmp_path / "out"), load_manifest(str(tmp_path / "out")), "train")
+    sample = next(s for sh in shards for s in read_shard(sh.url) if s["__key__"] == "TURNED_good")
+    seen = eval_segmentation(sample, 0)
+    assert seen["size"] == label.shape and seen["label"].shape == label.shape
