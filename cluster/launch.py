@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +24,6 @@ from pipeline.checkpoints import (find_checkpoint, join, mark_complete, new_laun
                                   prune, publish, saved_config, step_of, tag_of)
 from pipeline.config import Config
 from pipeline.credentials import forwarded_env
-from pipeline.data import ShardError
 from pipeline.train import RunHooks, check_inputs
 
 log = logging.getLogger("dups.launch")
@@ -146,15 +146,42 @@ def ray_storage(cfg: Config) -> str:
     return f"{out.rstrip('/')}/ray" if out.startswith("s3://") else str(Path(out).resolve() / "ray")
 
 
-FATAL = "fatal.json"  # in the launch's Ray storage: a bad input that restarts cannot get past
+FATAL = "fatal.json"  # in the launch's Ray storage: an error that restarts cannot get past
+
+PERMANENT = (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, ImportError,
+             AssertionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class NotRestarted(RuntimeError):
+    """A restart of a launch that already met an error a restart would meet again."""
+
+
+def is_permanent(err: BaseException) -> bool:
+    """Whether a restart would meet ``err`` again: a bad input or setting (a damaged shard, a
+    config or file that does not fit), a missing file, a shape mismatch, out of memory, a bug.
+    Not: I/O and network errors, a peer that died, a killed process (those Ray restarts)."""
+    if isinstance(err, PERMANENT):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(s in text for s in ("size mismatch", "out of memory"))
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's last line, led by its type (from a DataLoader worker it is there already)."""
+    line = (str(err).strip().splitlines() or [""])[-1]
+    if re.match(r"^[\w.]+(Error|Exception): ", line):
+        return line
+    kind = type(err).__name__ if type(err).__module__ == "builtins" else f"{type(err).__module__}.{type(err).__name__}"
+    return f"{kind}: {line}"
 
 
 def _ray_loop(config: dict) -> None:
     """Runs inside every Ray Train worker. Each rank writes its part of a checkpoint into its
     own temporary folder and reports it; Ray merges the parts in its storage under the step's
     name; rank 0 then marks the folder complete, keeps the launch's newest
-    ``train.keep_checkpoints``, and every rank removes its temporary copy. A damaged shard
-    stops the run: Ray's restarts end at once instead of training up to it again."""
+    ``train.keep_checkpoints``, and every rank removes its temporary copy. An error that a
+    restart would meet again (``is_permanent``: a damaged shard, weights that do not fit ...)
+    stops the launch: Ray's restarts end at once instead of training up to it again."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -199,13 +226,14 @@ def _ray_loop(config: dict) -> None:
         return dest
 
     storage = open_storage(run)
-    if storage.exists(FATAL):  # a restart would only meet the same bad input again
-        raise ShardError(f"not restarted: {json.loads(storage.get_bytes(FATAL))['error']}")
+    if storage.exists(FATAL):  # a restart would only meet the same error again
+        raise NotRestarted(f"not restarted: {json.loads(storage.get_bytes(FATAL))['error']}")
     try:
         train(cfg, RunHooks(stage_dir, publish_hook, resume_from, config.get("stop_after"),
                             config.get("run_id")))
-    except ShardError as err:  # (from a DataLoader worker: its message ends with the original's)
-        storage.put_bytes(FATAL, json.dumps({"error": str(err).strip().splitlines()[-1]}).encode())
+    except Exception as err:  # (from a DataLoader worker it keeps its type; its message ends with the original's)
+        if is_permanent(err):
+            storage.put_bytes(FATAL, json.dumps({"error": _one_line(err)}).encode())
         raise
     finally:
         if ctx is not None:

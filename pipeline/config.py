@@ -24,8 +24,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "dups_tiny"
     num_classes: int = 150
-    encoder: dict = field(default_factory=dict)  # EncoderConfig overrides
-    decoder: dict = field(default_factory=dict)  # DecoderConfig overrides
+    encoder: dict = field(default_factory=dict)  # model.config.EncoderConfig fields over the named model's
+    decoder: dict = field(default_factory=dict)  # model.config.DecoderConfig fields over the named model's
 
 
 @dataclass
@@ -217,6 +217,13 @@ def _coerce(value, tp, key: str, where: str):
     return value
 
 
+def _model_fields() -> dict[str, type]:
+    """The dataclass whose fields each per-model section overrides (checked like a section)."""
+    from model.config import DecoderConfig, EncoderConfig
+
+    return {"model.encoder": EncoderConfig, "model.decoder": DecoderConfig}
+
+
 def _build(cls, data: dict, prefix: str, origin: dict[str, str]):
     def where(key: str) -> str:  # the file (or override) that set this key or its section
         while key and key not in origin:
@@ -239,12 +246,36 @@ def _build(cls, data: dict, prefix: str, origin: dict[str, str]):
         tp, key = hints[f.name], prefix + f.name
         if is_dataclass(tp):
             kwargs[f.name] = _build(tp, data[f.name], key + ".", origin)
+        elif key in _model_fields():  # a partial override: the keys and their types checked
+            section = _coerce(data[f.name], dict, key, where(key))
+            kwargs[f.name] = dataclasses.asdict(_build(_Partial.of(_model_fields()[key]), section, key + ".",
+                                                       origin))
+            kwargs[f.name] = {k: v for k, v in kwargs[f.name].items() if k in section}
         else:
             kwargs[f.name] = _coerce(data[f.name], tp, key, where(key))
             allowed = CHOICES.get(key)
+            if key == "model.name":
+                from model.config import ENCODERS
+
+                allowed = tuple(sorted(ENCODERS))
             if allowed and kwargs[f.name] not in allowed:
                 raise ConfigError(f"{where(key)}: {key} must be one of {allowed}, got {kwargs[f.name]!r}")
     return cls(**kwargs)
+
+
+class _Partial:
+    """A copy of a frozen model dataclass whose every field defaults to None: ``_build``
+    checks a partial override's keys and types with it."""
+
+    _made: dict = {}
+
+    @classmethod
+    def of(cls, target: type) -> type:
+        if target not in cls._made:
+            hints = typing.get_type_hints(target)
+            cls._made[target] = dataclasses.make_dataclass(
+                f"Partial{target.__name__}", [(f.name, hints[f.name], field(default=None)) for f in fields(target)])
+        return cls._made[target]
 
 
 def _set(tree: dict, dotted: str, value) -> None:

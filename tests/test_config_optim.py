@@ -189,3 +189,23 @@ def test_a_saved_config_from_before_a_field_existed_keeps_the_model_it_trained()
     assert new.model.encoder["score_pixels"] is True and new.model.decoder["pixel_data"] is True
     # a config that records no fields (a user's overrides) keeps today's defaults
     assert build_model(config_from_dict(saved, "user.json")).encoder.pixel_spread is not None
+
+
+def test_a_misspelt_model_key_is_one_line_before_ray_or_mlflow_start(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from cluster.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for override, said in (("model.encoder.score_pixel=false", "unknown key 'model.encoder.score_pixel' (known: "),
+                           ("model.decoder.dim=wide", "model.decoder.dim must be int, got 'wide'"),
+                           ("model.name=dups_tnyi", "model.name must be one of ('dups_base', 'dups_demo'")):
+        assert main(["train", "demo", override]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"override {override}: " in err[0] and said in err[0], err
+    (tmp_path / "mine.yaml").write_text("_base_: " + str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+                                        + "\nmodel:\n  encoder:\n    score_pixel: false\n")
+    assert main(["train", str(tmp_path / "mine.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'mine.yaml'}: unknown key 'model.encoder.score_pixel'" in err
+    assert not ray.is_initialized() and not list(tmp_path.glob("mlruns*"))

@@ -124,3 +124,34 @@ def test_a_damaged_shard_stops_the_run_instead_of_restarting_into_it(tmp_path, m
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
     runs = client.search_runs([client.get_experiment_by_name("dups-demo").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_weights_that_do_not_fit_fail_the_launch_once_not_every_restart(tmp_path, monkeypatch):
+    """A ValueError inside the workers (train.pretrained that exists but does not fit) would
+    meet every restart again: the launch fails at once, each restart saying why it stopped."""
+    import ray
+    import torch
+    from ray.train import TrainingFailedError
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    shards = th.make_dataset(tmp_path / "data", train=8, val=1)
+    save_file({"encoder.not_a_layer": torch.zeros(3)}, str(tmp_path / "foreign.safetensors"))
+    cfg = th.test_config(shards, tmp_path, "train.iters=4", "launch.workers=2", "launch.max_failures=3",
+                         f"train.pretrained={tmp_path / 'foreign.safetensors'}")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(TrainingFailedError) as failure:
+            result = train_ray(cfg)
+            if result.error is not None:
+                raise result.error
+    finally:
+        ray.shutdown()
+    errors = [str(e) for e in failure.value.worker_failures.values()]
+    assert errors and all("not restarted: ValueError: train.pretrained" in e and "does not fit" in e
+                          for e in errors), errors
+    fatal = list((Path(ray_storage(cfg)) / cfg.name).glob("*/fatal.json"))
+    assert len(fatal) == 1 and "missing" in fatal[0].read_text()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("dups-demo").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
