@@ -101,6 +101,14 @@ def _export(args: argparse.Namespace) -> int:
 
     source = export_weights(args.checkpoint, args.out)
     print(f"exported {source} -> {args.out} (fp32 safetensors; config in {config_path(args.out)})")
+    if args.mlflow or args.register:
+        from pipeline.credentials import redact
+        from pipeline.mlflow_model import log_exported
+        from pipeline.tracking import resolve_uri
+
+        model_uri, run_id = log_exported(args.out, source, args.tracking_uri, args.register)
+        print(f"logged the MLflow model {model_uri} (run {run_id}, store {redact(resolve_uri(args.tracking_uri))})"
+              + (f", registered as {args.register}" if args.register else ""))
     return 0
 
 
@@ -215,6 +223,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = sub.add_parser("export", help="a checkpoint's fp32 weights as safetensors (+ its config)")
     p.add_argument("checkpoint", help="a checkpoint, a run's folder or a train.output (local or s3://)")
     p.add_argument("out", help="OUT.safetensors (local or s3://); OUT.json gets the config")
+    p.add_argument("--mlflow", action="store_true", help="also log the weights as an MLflow model (pyfunc: "
+                   "image bytes in, label PNG out) in the run that trained them, else a new run")
+    p.add_argument("--register", default="", help="also register that model under this name (implies --mlflow)")
+    p.add_argument("--tracking-uri", default="", help="the MLflow store (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///mlruns.db here)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("predict", help="segment images with trained weights")

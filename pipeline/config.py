@@ -152,6 +152,8 @@ class TrackingConfig:
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working dir; "none": off
     experiment: str = "dups"
     run_name: str = ""
+    log_model: bool = True  # a fine-tuning run ends by logging its weights as an MLflow model
+    register_as: str = ""  # and registers them under this name in the Model Registry
 
 
 @dataclass

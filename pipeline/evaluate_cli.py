@@ -37,13 +37,24 @@ def compare_policies(cfg: Config, checkpoint: str, policies: dict, device: torch
                            oracle=oracle, progress=False) for name, (policy, oracle) in policies.items()}
 
 
+def eval_protocol(cfg: Config) -> str:
+    """How a segmentation evaluation ran, for its run's name: the ratio policy, then
+    ``ms`` / ``flip`` / ``slide`` where used (``dynamic``, ``full-ms-flip`` ...)."""
+    parts = [cfg.upsampling.policy]
+    parts += [name for name, on in (("ms", cfg.eval.multi_scale), ("flip", cfg.eval.flip),
+                                    ("slide", cfg.eval.sliding_window)) if on]
+    return "-".join(parts)
+
+
 def run_eval(cfg: Config, checkpoint: str):
     """(printable report, EvalResult or classification metrics) of a checkpoint."""
     from .train import _ClassificationEval, _SegmentationEval
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, where, manifest, shards = load_checkpoint_model(cfg, checkpoint, device)
-    tracker = config_tracker(cfg, run_name=f"eval-{cfg.name}", tags={"checkpoint": where, "task": "eval"})
+    protocol = "classification" if cfg.train.task == "pretrain" else eval_protocol(cfg)
+    tracker = config_tracker(cfg, run_name=f"eval-{cfg.name}-{protocol}",
+                             tags={"checkpoint": where, "task": "eval", "protocol": protocol})
     try:
         if cfg.train.task == "pretrain":
             metrics = evaluate_classification(model, EvalStream(

@@ -104,6 +104,12 @@ def label_ids(pre: Pretrained, dataset: str | None) -> tuple[np.ndarray | None, 
     return (ids, names) if len(ids) == pre.config.model.num_classes else (None, ())
 
 
+def label_image(label: np.ndarray, ids: np.ndarray | None, classes: int) -> Image.Image:
+    """A label map (train ids) as the PNG ``dups predict`` writes: in the dataset's own ids
+    (``label_ids``) when known, 8-bit (16 for more than 255 classes)."""
+    return Image.fromarray((ids[label] if ids is not None else label).astype(np.uint8 if classes < 256 else np.uint16))
+
+
 def predict_images(pre: Pretrained, inputs: list[str], out: str, batch_size: int = 4, workers: int = 2,
                    tokens: bool = False, stats: bool = False, dataset: str | None = None,
                    progress: bool = True, short_side: int | None = None) -> PredictReport:
@@ -146,8 +152,7 @@ def predict_images(pre: Pretrained, inputs: list[str], out: str, batch_size: int
             for (i, rgb), lab in zip(good, labels):
                 name = files[i][1]
                 lab = lab.numpy()
-                _save(root / "labels" / f"{name}.png", Image.fromarray(
-                    (ids[lab] if ids is not None else lab).astype(np.uint8 if classes < 256 else np.uint16)))
+                _save(root / "labels" / f"{name}.png", label_image(lab, ids, classes))
                 _save(root / "overlay" / f"{name}.jpg", overlay(rgb, lab, classes), quality=90)
                 if tokens:  # drawn at the size the model saw
                     seen, seen_lab = ((rgb, lab) if not short or min(lab.shape) == short

@@ -68,8 +68,13 @@ def client_uri(uri: str = "") -> str:
 def config_tracker(cfg, run_id: str | None = None, run_name: str = "", tags: dict | None = None) -> Tracker:
     """The active tracker of a run of ``cfg`` (a pipeline Config): its store and experiment,
     the resolved config as params, the task and model as tags."""
+    from model.config import resolved_fields
+
+    params = cfg.to_dict()  # the model's every encoder and decoder field, not the overrides ({} mostly)
+    params["model"]["encoder"], params["model"]["decoder"] = resolved_fields(
+        cfg.model.name, cfg.model.encoder, cfg.model.decoder)
     return Tracker(True, cfg.tracking.uri, cfg.tracking.experiment,
-                   run_name or cfg.tracking.run_name or cfg.name, run_id=run_id, params=cfg.to_dict(),
+                   run_name or cfg.tracking.run_name or cfg.name, run_id=run_id, params=params,
                    tags={"task": cfg.train.task, "model": cfg.model.name, **(tags or {})})
 
 

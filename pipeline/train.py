@@ -315,7 +315,22 @@ class Trainer:
         result.steps = self.step
         if self.step == total and self.pretrain and self.rank == 0:
             self._export_final(result.last_checkpoint)
+        if self.step == total and not self.pretrain and self.rank == 0 and self.tracker.active \
+                and cfg.tracking.log_model:
+            self._log_model(result.last_checkpoint)
         return result
+
+    def _log_model(self, checkpoint: str) -> None:
+        """The final weights as an MLflow model of this run (``pipeline.mlflow_model``)."""
+        import tempfile
+
+        from .export import export_weights
+        from .mlflow_model import log_segmentation_model
+
+        with tempfile.TemporaryDirectory(prefix="dups-model-") as tmp:
+            weights = str(Path(tmp) / f"{self.cfg.name}.safetensors")
+            export_weights(checkpoint, weights)
+            self.tracker.tag("mlflow_model", log_segmentation_model(weights, self.cfg.tracking.register_as))
 
     def _export_final(self, checkpoint: str) -> None:
         """Pre-training ends by exporting its weights where fine-tuning configs look:
