@@ -126,6 +126,19 @@ def _predict(args: argparse.Namespace) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
                          "use --device cpu (or auto)")
+    if args.ray:
+        from pipeline.batch_predict import predict_on_ray
+
+        if args.tokens or args.stats or args.config or args.bf16 or args.bucket is not None:
+            raise ValueError("--ray writes labels and overlays: --tokens, --stats, --config, --bf16 and "
+                             "--bucket are for the one-process run")
+        report = predict_on_ray(args.checkpoint, args.images, args.out, args.batch_size, args.actors,
+                                args.short_side, args.dataset, args.address,
+                                use_gpu=None if args.device == "auto" else device.startswith("cuda"))
+        print(f"segmented {report.images} images with {report.source} into {report.out} on Ray "
+              f"({report.seconds:.1f} s); {len(report.failed)} unreadable"
+              + (f" (listed in {report.out}/report.json)" if report.failed else ""))
+        return 1 if report.failed else 0
     config = load_config(args.config) if args.config else None
     pre = load_pretrained(args.checkpoint, device, config)
     if args.bf16:
@@ -252,6 +265,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--bf16", action="store_true", help="bf16 weights: no per-forward weight casts (GPU)")
     p.add_argument("--config", default=None, help="the config the weights were trained with, when no "
                    "config was saved with them")
+    p.add_argument("--ray", action="store_true", help="on a Ray cluster with Ray Data: inputs and --out may "
+                   "be s3:// prefixes; one model actor per GPU (or CPU); labels and overlays")
+    p.add_argument("--actors", type=int, default=None, help="with --ray: model actors (default: one per GPU "
+                   "of the cluster, else one per CPU)")
+    p.add_argument("--address", default=None, help="with --ray: the Ray cluster (default: $RAY_ADDRESS, else "
+                   "a local Ray)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="the whole pipeline on this machine: synth, prep, train, eval")

@@ -1,5 +1,6 @@
 """`dups predict` and `DUPSSegmentor.from_pretrained`: a briefly trained model's predictions on
 the validation images equal `dups eval`'s, from exported weights and from the checkpoint."""
+import io
 import json
 from pathlib import Path
 
@@ -230,3 +231,65 @@ def test_prep_reads_images_as_shown(tmp_path):
     sample = next(s for sh in shards for s in read_shard(sh.url) if s["__key__"] == "TURNED_good")
     seen = eval_segmentation(sample, 0)
     assert seen["size"] == label.shape and seen["label"].shape == label.shape
+
+
+def test_predict_on_ray_with_two_actors_writes_what_one_process_writes(trained, tmp_path, monkeypatch):
+    """Ray Data batch inference (2 model actors on the local Ray): every image once, the same
+    label PNGs as the one-process run, a bad file named in report.json and skipped."""
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    src = tmp_path / "photos"
+    src.mkdir()
+    for image in sorted(trained["images"].glob("*.jpg")):
+        (src / image.name).write_bytes(image.read_bytes())
+    (src / "sub").mkdir()
+    (src / "sub" / "again.jpg").write_bytes(next(trained["images"].glob("*.jpg")).read_bytes())
+    (src / "broken.jpg").write_bytes(b"not an image")
+    alone, spread = tmp_path / "alone", tmp_path / "ray"
+    common = ["--checkpoint", trained["weights"], "--batch-size", "1"]
+    assert cli_main(["predict", str(src), "--out", str(alone), "--workers", "0", *common]) == 1
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert cli_main(["predict", str(src), "--out", str(spread), "--ray", "--actors", "2", *common]) == 1
+    finally:
+        ray.shutdown()
+    names = sorted(str(p.relative_to(alone / "labels")) for p in (alone / "labels").rglob("*.png"))
+    assert len(names) == 4 and "sub/again.png" in names
+    assert sorted(str(p.relative_to(spread / "labels")) for p in (spread / "labels").rglob("*.png")) == names
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(spread / "labels" / name)), np.asarray(Image.open(alone / "labels" / name)))
+        assert (spread / "overlay" / name.replace(".png", ".jpg")).is_file()
+    report = json.loads((spread / "report.json").read_text())
+    assert report["images"] == 4 and report["actors"] == 2
+    assert [f["file"] for f in report["failed"]] == [str(src / "broken.jpg")]
+    assert "not an image file Pillow can read" in report["failed"][0]["reason"]
+
+
+def test_predict_on_ray_reads_and_writes_s3(trained, tmp_path, s3_server, monkeypatch):
+    import boto3
+    import ray
+
+    from pipeline.batch_predict import predict_on_ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="photos")
+    images = sorted(trained["images"].glob("*.jpg"))
+    for image in images:
+        s3.upload_file(str(image), "photos", f"in/{image.name}")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        report = predict_on_ray(trained["weights"], ["s3://photos/in"], "s3://photos/out", actors=1)
+    finally:
+        ray.shutdown()
+    assert report.images == len(images) and not report.failed
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="photos", Prefix="out/")["Contents"]}
+    assert keys == {"out/report.json", *(f"out/labels/{p.stem}.png" for p in images),
+                    *(f"out/overlay/{p.stem}.jpg" for p in images)}
+    alone = tmp_path / "alone"
+    assert cli_main(["predict", str(images[0]), "--checkpoint", trained["weights"], "--out", str(alone),
+                     "--workers", "0"]) == 0
+    body = s3.get_object(Bucket="photos", Key=f"out/labels/{images[0].stem}.png")["Body"].read()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(body))),
+                          np.asarray(Image.open(alone / "labels" / f"{images[0].stem}.png")))
