@@ -185,7 +185,14 @@ def _jobs(args: argparse.Namespace) -> int:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The ``dups`` parser and its subcommands' parsers by name."""
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(prog="dups", description=__doc__)
+    try:
+        installed = version("dups")
+    except PackageNotFoundError:  # run from a checkout without installing
+        installed = "unknown (not installed)"
+    parser.add_argument("--version", action="version", version=f"dups {installed}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("summary", help="parameters, GFLOPs and tokens per stage of a model")
     p.add_argument("--model", default="dups_tiny", choices=sorted(ENCODERS))

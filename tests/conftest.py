@@ -15,6 +15,22 @@ if not torch.cuda.is_available():
 import pytest
 
 
+def pytest_addoption(parser):
+    parser.addoption("--integration", action="store_true",
+                     help="also the integration layer: tests on a real Ray, DeepSpeed engines, spawned "
+                          "processes and servers (CI and the README's test command run both layers)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --integration (or an explicit -m), the fast unit layer only."""
+    if config.getoption("--integration") or config.getoption("markexpr"):
+        return
+    kept = [item for item in items if "integration" not in item.keywords]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "integration" in item.keywords])
+        items[:] = kept
+
+
 @pytest.fixture
 def s3_server(monkeypatch):
     """A real S3-protocol server (moto) on 127.0.0.1; boto3 and pyarrow reach it through

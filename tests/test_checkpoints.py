@@ -13,6 +13,8 @@ import train_helpers as th
 from cluster.launch import train_local
 from pipeline.checkpoints import COMPLETE, find_checkpoint, mark_complete, model_state, newest_complete
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):

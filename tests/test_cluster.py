@@ -134,6 +134,7 @@ def wait_status(client, job_id, wanted, seconds=120):
     return status
 
 
+@pytest.mark.integration
 def test_submit_follow_list_logs_stop(ray_head, monkeypatch):
     from cluster.submit import client, jobs, submit
 
@@ -164,6 +165,7 @@ def test_submit_follow_list_logs_stop(ray_head, monkeypatch):
     assert '"model": "dups_demo"' in logs.getvalue()
 
 
+@pytest.mark.integration
 def test_a_ray_the_project_starts_listens_on_loopback_only(tmp_path):
     """Token authentication is off only for a local Ray, so that Ray must not be reachable
     from the network: every port of its processes is bound to 127.0.0.1."""
@@ -208,3 +210,13 @@ def test_submit_refuses_an_unknown_command_before_contacting_the_cluster(capsys)
     assert "unknown dups command 'tran' after --; choose one of" in err and "train" in err
     assert main(["submit", "--address", "http://127.0.0.1:9", "--", "dups"]) == 2
     assert "nothing to submit" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    from cluster.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"dups {version('dups')}"

@@ -13,6 +13,8 @@ from conftest import wait_until_answers
 from pipeline.credentials import forwarded_env, redact, redact_tree
 from pipeline.engine import free_port
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
+
 ROOT = Path(__file__).resolve().parents[1]
 SENTINELS = {"AWS_SECRET_ACCESS_KEY": "SENTINEL-aws-secret", "AWS_SESSION_TOKEN": "SENTINEL-aws-token",
              "password": "SENTINEL-mlflow-pw"}

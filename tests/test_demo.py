@@ -5,6 +5,8 @@ from mlflow import MlflowClient
 
 from cluster.demo import run_demo
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
+
 
 def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

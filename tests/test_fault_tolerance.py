@@ -16,6 +16,8 @@ import train_helpers as th
 from cluster.launch import ray_storage, train_ray
 from data_prep.job import prepare
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -23,6 +23,8 @@ from cluster.launch import train_local
 from conftest import wait_until_answers
 from pipeline.engine import free_port
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -10,6 +10,10 @@ import train_helpers as th
 from cluster.launch import train_ray
 from data_prep.job import prepare
 
+import pytest
+
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
+
 
 def test_two_node_cluster_runs_prep_and_training(tmp_path, monkeypatch):
     import ray

@@ -19,6 +19,8 @@ from pipeline.evaluate import confusion, scores_from_confusion
 from pipeline.evaluate_cli import run_eval
 from pipeline.export import export_weights
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

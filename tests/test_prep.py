@@ -16,6 +16,8 @@ from data_prep.readers import list_split
 from data_prep.samples import encode_classification, encode_segmentation
 from model.edges import edge_scores
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
+
 
 @pytest.fixture(scope="module")
 def local_ray():

@@ -17,6 +17,8 @@ import prep_fixtures as fx
 from data_prep.job import TEMP_PREFIX, ShardsFailed, prepare, remove_leftovers
 from s3_proxy import StallingProxy
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
+
 
 def test_an_io_error_fails_its_shard_on_ray_and_a_rerun_loses_no_sample(tmp_path, monkeypatch):
     import ray

@@ -14,6 +14,8 @@ import train_helpers as th
 from cluster.launch import train_local, train_ray
 from pipeline.engine import free_port
 
+pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
