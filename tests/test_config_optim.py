@@ -209,3 +209,19 @@ def test_a_misspelt_model_key_is_one_line_before_ray_or_mlflow_start(tmp_path, m
     err = capsys.readouterr().err
     assert f"{tmp_path / 'mine.yaml'}: unknown key 'model.encoder.score_pixel'" in err
     assert not ray.is_initialized() and not list(tmp_path.glob("mlruns*"))
+
+
+@pytest.mark.parametrize("base", ["finetune", "pretrain_imagenet"])
+def test_the_task_bases_set_only_what_differs_from_the_defaults(base):
+    """The recipe's defaults live in pipeline/config.py only: a base file that repeated one
+    would keep an old value when the default is corrected."""
+    import yaml
+
+    from pipeline.config import CONFIG_DIR, Config
+
+    defaults = Config().to_dict()
+    tree = yaml.safe_load((CONFIG_DIR / "_base_" / f"{base}.yaml").read_text())
+    repeated = [f"{section}.{key}" for section, values in tree.items() if isinstance(values, dict)
+                for key, value in values.items()
+                if (list(d) if isinstance(d := defaults[section].get(key), tuple) else d) == value]
+    assert not repeated, repeated
