@@ -5,8 +5,10 @@ Input: a table with one column ``image``, each cell an encoded image file (JPEG,
 base64 in a served request's JSON). Output: a column ``label``, each cell the PNG that
 ``dups predict`` writes for that image (the dataset's own ids, at the image's own size). The
 param ``short_side`` is ``dups predict --short-side`` (default: the weights'
-``data.eval_short_side``). The model folder carries the project's code, so it loads wherever
-torch, Pillow, safetensors and MLflow are installed.
+``data.eval_short_side``). It loads where the ``dups`` package is installed (its requirement,
+as an mmsegmentation model needs mmseg): the model folder carries weights and config, not a
+copy of the code, which MLflow would put ahead of the installed package in the loading
+process's ``sys.path``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import mlflow
 log = logging.getLogger(__name__)
 
 ARTIFACT = "model"  # the model's folder in its run's artifacts
-_PACKAGES = ("model", "pipeline", "data_prep")  # the code the model folder carries
 
 
 class DUPSSegmentation(mlflow.pyfunc.PythonModel):
@@ -78,11 +79,9 @@ def log_segmentation_model(weights: str, register_as: str = "") -> str:
     Returns the model's URI."""
     from .export import config_path
 
-    root = Path(__file__).resolve().parents[1]
     info = mlflow.pyfunc.log_model(
         name=ARTIFACT, python_model=DUPSSegmentation(),
-        artifacts={"weights": weights, "config": config_path(weights)},
-        code_paths=[str(root / p) for p in _PACKAGES], signature=signature(),
+        artifacts={"weights": weights, "config": config_path(weights)}, signature=signature(),
         pip_requirements=_requirements(), registered_model_name=register_as or None)
     log.info("logged the MLflow model %s%s", info.model_uri,
              f" (registered as {register_as})" if register_as else "")
@@ -90,11 +89,11 @@ def log_segmentation_model(weights: str, register_as: str = "") -> str:
 
 
 def _requirements() -> list[str]:
-    """What the model's code needs to load, pinned to what is installed here."""
+    """What the model needs to load, pinned to what is installed here (dups itself included)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for package in ("torch", "numpy", "pillow", "safetensors", "pyyaml", "mlflow", "pandas"):
+    for package in ("dups", "torch", "numpy", "pillow", "safetensors", "pyyaml", "mlflow", "pandas"):
         try:
             out.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
@@ -124,8 +123,10 @@ def log_exported(weights: str, source: str, uri: str = "", register_as: str = ""
         if found:
             run = mlflow.start_run(run_id=found[0].info.run_id)
         else:
-            experiment = mlflow.set_experiment("dups")
-            run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"export-{local.stem}",
+            from .tracking import experiment_id
+
+            run = mlflow.start_run(experiment_id=experiment_id(mlflow.MlflowClient(), "dups", client_uri(uri)),
+                                   run_name=f"export-{local.stem}",
                                    tags={"checkpoint": source})
         with run:
             model_uri = log_segmentation_model(str(local), register_as)

@@ -65,6 +65,18 @@ def client_uri(uri: str = "") -> str:
     return uri
 
 
+def experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created if new. In a ``sqlite:///`` store its artifacts go beside
+    the database (``<its folder>/mlruns/<name>``), not into whatever folder the run started in."""
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def config_tracker(cfg, run_id: str | None = None, run_name: str = "", tags: dict | None = None) -> Tracker:
     """The active tracker of a run of ``cfg`` (a pipeline Config): its store and experiment,
     the resolved config as params, the task and model as tags."""
@@ -100,8 +112,7 @@ class Tracker:
         else:
             # by id, not mlflow.set_experiment: that caches the experiment of an earlier store
             client = mlflow.MlflowClient(uri)
-            found = client.get_experiment_by_name(experiment)
-            exp_id = found.experiment_id if found else client.create_experiment(experiment)
+            exp_id = experiment_id(client, experiment, uri)
             mlflow.start_run(experiment_id=exp_id, run_name=run_name or None)
             if params:  # searchable params, and the merged config (its _base_ files resolved) to read
                 mlflow.log_params(flatten(params))

@@ -61,7 +61,10 @@ def test_training_logs_and_registers_a_model_that_predicts_as_dups_predict(train
     version = client.get_model_version("dups-demo", "1")
     assert version.run_id == run.info.run_id
     mlflow.set_tracking_uri(trained["uri"])
+    assert Path(run.info.artifact_uri[len("file://"):]).is_relative_to(trained["root"] / "run" / "mlruns")
+    path_before = list(sys.path)
     model = mlflow.pyfunc.load_model("models:/dups-demo/1")
+    assert sys.path == path_before  # no copy of the code put ahead of the installed package
     inputs = model.metadata.get_input_schema().input_names()
     assert inputs == ["image"] and model.metadata.get_output_schema().input_names() == ["label"]
     images = trained["images"]
