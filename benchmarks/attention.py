@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name, time_ms  # noqa: E402
-from model.attention import (BIAS_DIRECTIONS, BIAS_WAVELENGTHS, NeighbourhoodAttention,  # noqa: E402
+from common import device_name, time_ms
+from dups.models.attention import (BIAS_DIRECTIONS, BIAS_WAVELENGTHS, NeighbourhoodAttention,
                              _groups, attend_fused, attend_torch, cluster_neighbourhood, grid_neighbourhood,
                              natten_fast_available, values_padded_on, xformers_available)
-from model.encoder import Block  # noqa: E402
-from model.fused_attention import available as fused_available  # noqa: E402
+from dups.models.encoder import Block
+from dups.models.fused_attention import available as fused_available
 
 
 def timer(device, repeats):

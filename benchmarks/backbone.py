@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name, time_ms  # noqa: E402
-from data_prep.synth import _palette, scene  # noqa: E402
-from model import RatioPolicy, build_encoder  # noqa: E402
-from model.edges import edge_scores  # noqa: E402
-from model.segmentor import build_segmentor, semantic_probabilities  # noqa: E402
-from pipeline.measure import FLOP_CONVENTION, count_gmacs  # noqa: E402
+from common import device_name, time_ms
+from dups.data.synth import _palette, scene
+from dups.models import RatioPolicy, build_encoder
+from dups.models.edges import edge_scores
+from dups.models.segmentor import build_segmentor, semantic_probabilities
+from dups.evaluation.measure import FLOP_CONVENTION, count_gmacs
 
 
 def policies(preset: str) -> dict[str, RatioPolicy]:

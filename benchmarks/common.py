@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from model.attention import BACKENDS, set_backend
+from dups.models.attention import BACKENDS, set_backend
 
 
 def device_name(device: torch.device) -> str:
@@ -55,7 +55,7 @@ def cuda_graphed(fn, autocast_dtype: torch.dtype | None = None):
 
 def add_backend_option(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backend", default="auto", choices=BACKENDS,
-                    help="attention backend preference (model/attention.py)")
+                    help="attention backend preference (dups/models/attention.py)")
 
 
 def with_backend(model: nn.Module, backend: str) -> nn.Module:

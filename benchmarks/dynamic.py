@@ -1,6 +1,6 @@
 """The dynamic ratio with a trained score head, against the same ratio on ground-truth edge
 fractions (Table 7's oracle), fixed beta and full upsampling: one checkpoint, its validation
-images, every policy evaluated by ``pipeline.evaluate`` (single scale). Prints GFLOPs per image
+images, every policy evaluated by ``dups.evaluation.evaluate`` (single scale). Prints GFLOPs per image
 (multiply-adds, flop_counter / 2, of the network and its semantic inference: MLflow's
 val/gflops_mean), the ratio to full, mIoU, per upsampling block the share of candidates split,
 and tokens per stage; the paper's ratio is Table 4's (dynamic 44.3 / full 74.7 GFLOPs = 0.593
@@ -16,16 +16,13 @@ training variants on held-out scenes, see ``benchmarks/score_heads.py``.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate_cli import compare_policies  # noqa: E402
-from pipeline.measure import FLOP_CONVENTION  # noqa: E402
+from common import device_name
+from dups.config import load_config
+from dups.evaluation.run import compare_policies
+from dups.evaluation.measure import FLOP_CONVENTION
 
 
 def main() -> None:

@@ -4,6 +4,8 @@
 # Usage: PYTHON=python3 LOG=/tmp/bench.log bash benchmarks/gpu_suite.sh [quick]
 set -u
 cd "$(dirname "$0")/.."
+# the checkout is the package where it is not installed (the GPU machine: its own torch, no venv)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
 log=${LOG:-gpu-bench.log}
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore

@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import traceback
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.common import device_name, time_ms, with_backend  # noqa: E402
-from benchmarks.peer import swin_t_mask2former  # noqa: E402
-from model import RatioPolicy  # noqa: E402
-from model.segmentor import build_segmentor  # noqa: E402
+from common import device_name, time_ms, with_backend
+from peer import swin_t_mask2former
+from dups.models import RatioPolicy
+from dups.models.segmentor import build_segmentor
 
 
 class OpCounter(TorchDispatchMode):
@@ -53,7 +50,7 @@ class OpCounter(TorchDispatchMode):
     def _site() -> str:
         for frame in reversed(traceback.extract_stack(limit=40)):
             path = frame.filename
-            if ("/model/" in path or "/transformers/" in path) and "benchmarks" not in path:
+            if ("/dups/models/" in path or "/transformers/" in path) and "benchmarks" not in path:
                 return f"{Path(path).parent.name}/{Path(path).name}:{frame.name}"
         return "other"
 

@@ -3,9 +3,9 @@ paths, against what a GPU's training step consumes, as the shipped configs run t
 
     .venv/bin/python benchmarks/loader.py [--path both|finetune|pretrain] [--images 48] [--batches 12]
 
-- fine-tuning (``configs/_base_/finetune.yaml``: 4 workers per GPU, batch 8): ADE20K-sized
+- fine-tuning (``dups/configs/_base_/finetune.yaml``: 4 workers per GPU, batch 8): ADE20K-sized
   JPEGs (683 x 512), random resize 0.5-2x, crop 512, flip, photometric distortion, score maps;
-- pre-training (``configs/_base_/pretrain_imagenet.yaml``: 8 workers per GPU, batch 64):
+- pre-training (``dups/configs/_base_/pretrain_imagenet.yaml``: 8 workers per GPU, batch 64):
   ImageNet-sized JPEGs (500 x 375), RandomResizedCrop 224, flip, RandAugment
   rand-m9-mstd0.5-inc1, random erasing 0.25. Mixup / CutMix run on the training process's
   device on the collated batch, not in the workers; their cost on this CPU is printed apart.
@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.job import prepare
-from data_prep.synth import write_ade20k_layout
-from pipeline.classification_aug import mix_batch
-from pipeline.data import load_manifest, shards_of, train_loader
-from pipeline.measure import summarize
-from pipeline.train import _ClassificationTransform, _SegmentationTransform
+from dups.data.prep import prepare
+from dups.data.synth import write_ade20k_layout
+from dups.data.classification_aug import mix_batch
+from dups.data.streams import load_manifest, shards_of, train_loader
+from dups.evaluation.measure import summarize
+from dups.tasks.classification import ClassificationTransform
+from dups.tasks.segmentation import SegmentationTransform
 
 H100_FORWARD_B8_MS = 49.1  # DUPS-Tiny fixed beta, 512x512, bf16 eager, batch 8 (BENCHMARKS.md)
 STEP_OVER_FORWARD = 3.0  # forward + backward (~2x the forward); the optimizer step left out
@@ -93,11 +94,11 @@ def main() -> None:
             src, out = Path(tmp) / "src", Path(tmp) / "shards"
             if path == "finetune":
                 write_ade20k_layout(src, args.images, 0, (512, 683))
-                dataset, transform, batch = "ade20k", _SegmentationTransform(512, (0.5, 2.0), True), 2
+                dataset, transform, batch = "ade20k", SegmentationTransform(512, (0.5, 2.0), True), 2
             else:
                 write_imagenet(src, args.images)
                 dataset, batch = "imagenet", 8
-                transform = _ClassificationTransform(224, "rand-m9-mstd0.5-inc1", 0.25)
+                transform = ClassificationTransform(224, "rand-m9-mstd0.5-inc1", 0.25)
             prepare(dataset, str(src), str(out), splits=("train",), shard_bytes=2_000_000, progress=False,
                     use_ray=False)
             shards = shards_of(str(out), load_manifest(str(out)), "train")

@@ -13,17 +13,14 @@ backend side by side: the fused kernel keeps no gathered copies of the keys and 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import add_backend_option, device_name  # noqa: E402
-from model import RatioPolicy  # noqa: E402
-from model.attention import set_backend  # noqa: E402
-from model.criterion import SegmentationCriterion  # noqa: E402
-from model.segmentor import build_segmentor  # noqa: E402
+from common import add_backend_option, device_name
+from dups.models import RatioPolicy
+from dups.models.attention import set_backend
+from dups.models.criterion import SegmentationCriterion
+from dups.models.segmentor import build_segmentor
 
 
 def labels_with_masks(batch: int, size: int, masks: int, device) -> torch.Tensor:

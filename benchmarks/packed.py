@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from benchmarks.common import add_backend_option, device_name, time_ms  # noqa: E402
-from model import RatioPolicy  # noqa: E402
-from model.edges import edge_scores  # noqa: E402
-from model.segmentor import build_segmentor, semantic_probabilities  # noqa: E402
-from synthetic import scenes  # noqa: E402
+from common import add_backend_option, device_name, time_ms
+from dups.models import RatioPolicy
+from dups.models.edges import edge_scores
+from dups.models.segmentor import build_segmentor, semantic_probabilities
+from dups.data.synth import tensor_scenes
 
 
 def main() -> None:
@@ -54,7 +50,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_segmentor(args.model, encoder={"attention_backend": args.backend}).eval().to(device)
-    images, labels = scenes(args.batch, size=args.size, seed=1)
+    images, labels = tensor_scenes(args.batch, size=args.size, seed=1)
     maps = {p: m.to(device) for p, m in edge_scores(labels).items()}
     images = images.to(device)
     if args.bf16:
@@ -104,7 +100,7 @@ def count_shapes(args) -> None:
     """Distinct (padded budget per block) signatures over ``args.shapes`` scenes, per bucket."""
     device = torch.device(args.device)
     model = build_segmentor(args.model).eval().to(device)
-    images, labels = scenes(args.shapes, size=args.size, seed=2)
+    images, labels = tensor_scenes(args.shapes, size=args.size, seed=2)
     maps = edge_scores(labels)
     print(f"{args.model} {args.size}x{args.size}, {args.shapes} scenes one at a time, eq. 1 on oracle budgets "
           f"({args.preset}), {device_name(device)}")

@@ -15,24 +15,21 @@ seconds its first two calls took, or says why it failed; ``--cuda-graph`` instea
 each eager forward as one captured CUDA graph (no compiler, seconds to set up). ``--models``
 runs a subset (one model per process rules out allocator interplay between them); ``fused`` is
 fixed beta with the same weights whose clustered attention runs the Triton kernel
-(``model/fused_attention.py``; a CUDA device), its answer checked against ``fixed``'s.
+(``dups/models/fused_attention.py``; a CUDA device), its answer checked against ``fixed``'s.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cuda_graphed, device_name, time_ms, with_backend  # noqa: E402
-from model import RatioPolicy  # noqa: E402
-from model.segmentor import build_segmentor, semantic_probabilities  # noqa: E402
-from pipeline.measure import FLOP_CONVENTION, count_gmacs, count_params  # noqa: E402
+from common import cuda_graphed, device_name, time_ms, with_backend
+from dups.models import RatioPolicy
+from dups.models.segmentor import build_segmentor, semantic_probabilities
+from dups.evaluation.measure import FLOP_CONVENTION, count_gmacs, count_params
 
 
 MODELS = {"peer": "Mask2Former Swin-T", "fixed": "DUPS-Tiny fixed beta", "full": "DUPS-Tiny full",

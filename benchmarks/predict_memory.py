@@ -18,7 +18,8 @@ import sys
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
-from model.segmentor import build_segmentor
+from dups.apis.inference import inference_model
+from dups.models.segmentor import build_segmentor
 width, height, short, name = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.manual_seed(0)
 model = build_segmentor(name, 150).eval()
@@ -27,7 +28,7 @@ small = rng.integers(0, 255, (height // 50 + 1, width // 50 + 1, 3), dtype=np.ui
 photo = np.kron(small, np.ones((50, 50, 1), dtype=np.uint8))[:height, :width]  # blocks: edges to split
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-label = model.predict(photo, short_side=short)
+label = inference_model(model, photo, short_side=short)
 seconds = time.perf_counter() - start
 assert tuple(label.shape) == (height, width)
 print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -9,15 +9,13 @@ the time is from task submission to the last shard.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.job import prepare  # noqa: E402
-from data_prep.synth import write_ade20k_layout  # noqa: E402
+from dups.data.prep import prepare
+from dups.data.synth import write_ade20k_layout
 
 
 def main() -> None:

@@ -19,34 +19,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name  # noqa: E402
-from model import RatioPolicy  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from common import device_name
+from dups.models import RatioPolicy
+from dups.config import load_config
 
 
-def scenes(out: Path, train: int, heldout: int) -> Path:
-    """The demo's scenes (128 x 160 +- 32) and ``heldout`` more of the same generator, as shards."""
-    from data_prep.job import prepare
-    from data_prep.synth import write_ade20k_layout
+def scenes(out: Path, train: int, heldout: int, style: str = "rooms") -> Path:
+    """The demo's scenes (128 x 160 +- 32; ``style`` another generator, ``dups.data.synth.STYLES``)
+    and ``heldout`` more of the same generator, as shards."""
+    from dups.data.prep import prepare
+    from dups.data.synth import write_ade20k_layout
 
-    shards = out / f"shards-{train}-{heldout}"
+    tag = f"{train}-{heldout}" + ("" if style == "rooms" else f"-{style}")
+    shards = out / f"shards-{tag}"
     if not (shards / "manifest.json").exists():
-        write_ade20k_layout(out / f"src-{train}-{heldout}", train, heldout, size=(128, 160))
-        prepare("ade20k", str(out / f"src-{train}-{heldout}"), str(shards), shard_bytes=400_000,
+        write_ade20k_layout(out / f"src-{tag}", train, heldout, size=(128, 160), style=style)
+        prepare("ade20k", str(out / f"src-{tag}"), str(shards), shard_bytes=400_000,
                 progress=False, use_ray=False)
     return shards
 
 
 def _train(cfg, name: str) -> None:
-    from cluster.launch import train_local
-    from pipeline.engine import shutdown
+    from dups.cluster.launch import train_local
+    from dups.engine.distributed import shutdown
 
     start = time.perf_counter()
     train_local(cfg)
@@ -61,9 +61,11 @@ def train_variant(name: str, overrides: list[str], shards: Path, out: Path, iter
     would bias the printed training times."""
     import multiprocessing
 
-    from pipeline.checkpoints import find_checkpoint
+    from dups.engine.checkpoints import find_checkpoint
 
     runs = out / "runs" / f"{name}-{iters}-s{seed}"
+    if shards.name != "shards-48-32":  # another scene set (--train, --heldout, --style): its runs apart
+        runs = out / "runs" / shards.name / runs.name
     cfg = load_config("demo", [f"data.train={shards}", f"train.output={runs}", f"train.iters={iters}",
                                f"train.eval_every={10 * iters}", f"train.checkpoint_every={iters}",
                                f"train.seed={seed}", "launch.launcher=local", "tracking.uri=none",
@@ -94,7 +96,7 @@ def evaluate_variant(cfg, checkpoint: str, tau_scales: tuple[float, ...] = (),
     as trained: which tokens would it need split to lose nothing?); ``oracle_at``: also the
     oracle at only these blocks (1, 2, 3), the heads at the others (whose choice loses?),
     on each widened fraction if radii are given, else on the variant's own."""
-    from pipeline.evaluate_cli import compare_policies
+    from dups.evaluation.run import compare_policies
 
     up = cfg.upsampling  # the variant's thresholds
     eq1 = up.ratio_policy("per_image")
@@ -122,16 +124,16 @@ def painted(cfg, checkpoint: str):
     heads' scores over tau; ``eq1_masks``): the encoder and the pixel decoder see every token,
     only the painting is sparse. Near the dynamic run: the painting, not the sparse context,
     loses; near full upsampling: the context."""
-    from pipeline.config import EvalConfig
-    from pipeline.data import EvalStream
-    from pipeline.evaluate import evaluate
-    from pipeline.evaluate_cli import load_checkpoint_model
-    from pipeline.train import _SegmentationEval
+    from dups.config import EvalConfig
+    from dups.data.streams import EvalStream
+    from dups.evaluation.evaluate import evaluate
+    from dups.evaluation.run import load_checkpoint_model
+    from dups.tasks.segmentation import SegmentationEval
 
     model, _, _, shards = load_checkpoint_model(cfg, checkpoint, torch.device("cpu"))
     forward = model.forward
     model.forward = lambda *args, **kw: forward(*args, eq1_masks=True, **kw)
-    samples = list(EvalStream(shards, _SegmentationEval.of(cfg), 0, 1, 0))
+    samples = list(EvalStream(shards, SegmentationEval.of(cfg), 0, 1, 0))
     return evaluate(model, samples, cfg.model.num_classes, cfg.upsampling.ratio_policy("full"), EvalConfig(),
                     cfg.data.crop, torch.device("cpu"), progress=False)
 
@@ -149,15 +151,15 @@ def where_lost(cfg, checkpoint: str) -> dict:
     import torch.nn.functional as F
     from scipy.ndimage import distance_transform_edt
 
-    from model.decoder.densify import cover_pyramid
-    from model.edges import edge_map
-    from pipeline.data import EvalStream
-    from pipeline.evaluate import _probs
-    from pipeline.evaluate_cli import load_checkpoint_model
-    from pipeline.train import _SegmentationEval
+    from dups.models.decoder.densify import cover_pyramid
+    from dups.models.edges import edge_map
+    from dups.data.streams import EvalStream
+    from dups.evaluation.evaluate import _probs
+    from dups.evaluation.run import load_checkpoint_model
+    from dups.tasks.segmentation import SegmentationEval
 
     model, _, _, shards = load_checkpoint_model(cfg, checkpoint, torch.device("cpu"))
-    samples = list(EvalStream(shards, _SegmentationEval.of(cfg), 0, 1, 0))
+    samples = list(EvalStream(shards, SegmentationEval.of(cfg), 0, 1, 0))
     runs = three_runs(cfg.upsampling)
     seen = []  # the encoder's output of the last forward: the levels that paint the mask features
     model.encoder.register_forward_hook(lambda module, args, out: seen.append(out))
@@ -211,10 +213,10 @@ def probe_heads(cfg, checkpoint: str, steps: int, lr: float = 1e-3) -> str:
     re-initialised and trained alone (full upsampling, the training augmentation) for
     ``steps``; returns the checkpoint of the probed model. If the probed heads select much
     better than the jointly trained ones, the features hold what the heads need."""
-    from model.criterion import SegmentationCriterion
-    from pipeline.data import load_manifest, shards_of, train_loader
-    from pipeline.evaluate_cli import load_checkpoint_model
-    from pipeline.train import _SegmentationTransform
+    from dups.models.criterion import SegmentationCriterion
+    from dups.data.streams import load_manifest, shards_of, train_loader
+    from dups.evaluation.run import load_checkpoint_model
+    from dups.tasks.segmentation import SegmentationTransform
 
     model = load_checkpoint_model(cfg, checkpoint, torch.device("cpu"))[0].train()
     model.requires_grad_(False)
@@ -227,7 +229,7 @@ def probe_heads(cfg, checkpoint: str, steps: int, lr: float = 1e-3) -> str:
     opt = torch.optim.AdamW([p for h in heads for p in h.parameters()], lr=lr, weight_decay=0.0)
     d = cfg.data
     loader, _ = train_loader(shards_of(d.train, load_manifest(d.train), "train"),
-                             _SegmentationTransform.of(cfg),
+                             SegmentationTransform.of(cfg),
                              d.batch_size, 0, 1, 0, cfg.train.seed, d.shuffle_buffer)
     criterion = SegmentationCriterion(cfg.model.num_classes)
     batches = iter(loader)
@@ -251,6 +253,8 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=48, help="training scenes (the demo's 48)")
     ap.add_argument("--heldout", type=int, default=32, help="held-out scenes")
     ap.add_argument("--out", default="score_heads_run")
+    ap.add_argument("--style", default="rooms", choices=["rooms", "shapes"],
+                    help="the scene generator (rooms: the demo's; shapes: rectangles and discs)")
     ap.add_argument("--tau-scales", default="", help="comma-separated factors: also run eq. 1 with "
                     "tau_s times each (how mIoU trades against GFLOPs)")
     ap.add_argument("--oracle-radii", default="", help="comma-separated radii: also run the oracle "
@@ -266,7 +270,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out).resolve()
-    shards = scenes(out, args.train, args.heldout)
+    shards = scenes(out, args.train, args.heldout, args.style)
     rows = []
     for spec in args.variants:
         name, _, rest = spec.partition("=")

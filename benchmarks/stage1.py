@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import device_name, time_ms  # noqa: E402
-from model import RatioPolicy  # noqa: E402
-from model.segmentor import build_segmentor  # noqa: E402
-from pipeline.measure import FLOP_CONVENTION, count_gmacs  # noqa: E402
+from common import device_name, time_ms
+from dups.models import RatioPolicy
+from dups.models.segmentor import build_segmentor
+from dups.evaluation.measure import FLOP_CONVENTION, count_gmacs
 
 
 def main() -> None:

@@ -12,6 +12,8 @@
 #   bash scripts/gpu_checks.sh compiled    # there, if minutes are left: both compiled
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# the checkout is the package where it is not installed (the GPU machine: its own torch, no venv)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 part=${1:?usage: gpu_checks.sh rehearsal|latency|compiled}
 py=${PYTHON:-python3}
 log=${OUT:-.}/gpu-checks-$part.log

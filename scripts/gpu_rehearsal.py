@@ -19,15 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.launch import train_local  # noqa: E402
-from data_prep.job import prepare  # noqa: E402
-from data_prep.synth import write_ade20k_layout, write_imagenet_layout  # noqa: E402
-from pipeline.checkpoints import model_state  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.engine import shutdown  # noqa: E402
-from pipeline.export import export_weights  # noqa: E402
+from dups.cluster.launch import train_local
+from dups.data.prep import prepare
+from dups.data.synth import write_ade20k_layout, write_imagenet_layout
+from dups.engine.checkpoints import model_state
+from dups.config import load_config
+from dups.engine.distributed import shutdown
+from dups.engine.export import export_weights
 
 SIZES = {  # per mode: data sizes and the overrides that make a step small enough
     "gpu": dict(classes=8, per_class=48, val_per_class=4, imagenet_side=(256, 320), scenes=64, val_scenes=16,

@@ -5,6 +5,8 @@
 # Usage: bash scripts/gpu_rehearsal.sh [--smoke] [--out DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the checkout is the package where it is not installed (the GPU machine: its own torch, no venv)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 if [ -d .gpu-wheels ] && ! "$PY" -c "import deepspeed, webdataset" 2>/dev/null; then

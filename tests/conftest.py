@@ -7,7 +7,7 @@ import torch
 # test helpers (synthetic scenes) import as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
 if not torch.cuda.is_available():
-    # Triton kernels (model/fused_attention.py) run in Triton's interpreter on a CPU. Triton reads
+    # Triton kernels (dups/models/fused_attention.py) run in Triton's interpreter on a CPU. Triton reads
     # this when it is first imported, which xformers or inductor may do before any test runs.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

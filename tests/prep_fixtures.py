@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.synth import write_ade20k_layout
+from dups.data.synth import write_ade20k_layout
 
 
 def jpeg(path: Path, h: int, w: int, seed: int = 0) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.attention import (NeighbourhoodAttention, bias_frequencies, cluster_neighbourhood,
+from dups.models.attention import (NeighbourhoodAttention, bias_frequencies, cluster_neighbourhood,
                              global_neighbourhood, grid_neighbourhood, hilbert_codes, hilbert_index, xformers_available)
 
 
@@ -228,7 +228,7 @@ def test_cpu_attention_takes_the_fused_kernel_and_gathers_no_padding(attn):
 def test_wide_values_overlapping_the_keys_give_the_same_gradients(attn):
     """The CPU path's values are read past into the keys' channels: the output channels they
     make are dropped, so every gradient equals the narrow path's (the keys get theirs once)."""
-    from model.attention import values_padded_on
+    from dups.models.attention import values_padded_on
     module = attn.float()
     centres = torch.rand(2, 300, 2) * 400
     x = torch.randn(2, 300, 32, requires_grad=True)
@@ -256,8 +256,8 @@ def test_bias_parameters_learn(attn):
 
 
 def test_unknown_backend_is_a_clear_error(attn):
-    from model.config import encoder_config
-    from model.attention import resolve_backend
+    from dups.models.config import encoder_config
+    from dups.models.attention import resolve_backend
 
     x, centres = grid_inputs(4, 4)
     attn.backend = "flash9000"

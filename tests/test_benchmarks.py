@@ -22,14 +22,14 @@ def test_launches_counts_operators_per_site():
     out = run_script("benchmarks/launches.py", "--image-size", "128", "--models", "fixed", "--top", "3")
     line = next(line for line in out.splitlines() if line.startswith("DUPS-Tiny fixed beta:"))
     assert int(line.split(":")[1].split()[0]) > 100  # operators per forward
-    assert "model/attention.py:forward" in out
+    assert "models/attention.py:forward" in out
 
 
 def test_operator_counter_counts_kernels_not_views():
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.launches import OpCounter
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks are scripts, not a package
+    from launches import OpCounter
     x = torch.ones(4, 3)
     counter = OpCounter()
     with counter:
@@ -68,9 +68,8 @@ def test_peer_benchmark_reports_gflops_and_ratio():
 def test_dynamic_compares_the_trained_head_with_its_oracle(tmp_path):
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
     import train_helpers as th
-    from model.segmentor import build_segmentor
+    from dups.models.segmentor import build_segmentor
 
     shards = th.make_dataset(tmp_path, train=1, val=2)
     torch.manual_seed(0)

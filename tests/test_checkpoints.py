@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import train_helpers as th
-from cluster.launch import train_local
-from pipeline.checkpoints import COMPLETE, find_checkpoint, mark_complete, model_state, newest_complete
+from dups.cluster.launch import train_local
+from dups.engine.checkpoints import COMPLETE, find_checkpoint, mark_complete, model_state, newest_complete
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
 
@@ -27,7 +27,7 @@ def s3_names(bucket: str, prefix: str = "") -> list[str]:
 
 
 def test_a_crash_between_the_parts_leaves_the_previous_checkpoint(shards, tmp_path, monkeypatch):
-    import pipeline.train as train_mod
+    import dups.engine.trainer as train_mod
 
     common = ["train.iters=4", "train.checkpoint_every=2", "train.eval_every=100", "launch.launcher=local"]
     full = train_local(th.test_config(shards, tmp_path / "a", *common))
@@ -54,7 +54,7 @@ def test_a_crash_after_the_rename_leaves_no_marked_staging_folder(shards, tmp_pa
     """The local launcher marks a checkpoint complete only once it is in place: a crash
     between the rename and the marker leaves the previous checkpoint the newest, and a bare
     --resume finds one run."""
-    import pipeline.checkpoints as ckpt
+    import dups.engine.checkpoints as ckpt
 
     common = ["train.iters=4", "train.checkpoint_every=2", "train.eval_every=100", "launch.launcher=local"]
     real = ckpt.os.replace
@@ -71,8 +71,8 @@ def test_a_crash_after_the_rename_leaves_no_marked_staging_folder(shards, tmp_pa
 
 
 def test_run_on_s3_resumes_evaluates_and_exports_from_s3(shards, tmp_path, s3_server, monkeypatch):
-    from cluster.cli import main
-    from pipeline.export import export_weights
+    from dups.cli import main
+    from dups.engine.export import export_weights
 
     monkeypatch.chdir(tmp_path)
     boto3.client("s3").create_bucket(Bucket="runs")
@@ -153,11 +153,11 @@ def test_pretraining_on_two_ray_workers_hands_its_weights_to_finetuning(tmp_path
     from safetensors.torch import load_file, save_file
 
     import prep_fixtures as fx
-    from cluster.launch import train_ray
-    from data_prep.job import prepare
-    from pipeline.config import load_config
-    from pipeline.engine import init_single_process
-    from pipeline.train import Trainer
+    from dups.cluster.launch import train_ray
+    from dups.data.prep import prepare
+    from dups.config import load_config
+    from dups.engine.distributed import init_single_process
+    from dups.engine.trainer import Trainer
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     fx.imagenet(tmp_path / "in")
@@ -198,15 +198,15 @@ def test_pretraining_on_two_ray_workers_hands_its_weights_to_finetuning(tmp_path
 
 
 def _no_hooks():
-    from pipeline.train import RunHooks
+    from dups.engine.trainer import RunHooks
 
     return RunHooks(stage_dir=lambda step: "", publish=lambda step, folder: "")
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_finetuning_configs_look_where_pretraining_exports(size):
-    from pipeline.checkpoints import join
-    from pipeline.config import load_config
+    from dups.engine.checkpoints import join
+    from dups.config import load_config
 
     pre = load_config(f"pretrain_imagenet_{size}", [])
     exported = join(join(pre.train.output, pre.name), f"{pre.name}.safetensors")
@@ -220,7 +220,7 @@ def test_ray_run_on_s3_publishes_complete_checkpoints_and_resumes(shards, tmp_pa
     marked complete, the newest N are kept, and --resume from the bucket continues the run."""
     import ray
 
-    from cluster.launch import train_ray
+    from dups.cluster.launch import train_ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     boto3.client("s3").create_bucket(Bucket="runs")
@@ -261,7 +261,7 @@ class _Payload:
 
 
 def test_a_file_that_would_run_code_is_refused(tmp_path):
-    from pipeline.checkpoints import UnsafeFileError
+    from dups.engine.checkpoints import UnsafeFileError
 
     marker = tmp_path / "code-ran"
     evil = {"module": {"encoder.stem.weight": torch.zeros(1)}, "extra": _Payload(marker)}
@@ -290,7 +290,7 @@ def test_a_fresh_ray_launch_starts_at_step_0_and_resume_takes_the_named_checkpoi
     import ray
     from mlflow import MlflowClient
 
-    from cluster.launch import train_ray
+    from dups.cluster.launch import train_ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     common = ["train.eval_every=100", "launch.workers=2", "train.checkpoint_every=2"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.classification_aug import (OPS, mix_batch, parse_rand_augment, rand_augment,
+from dups.data.classification_aug import (OPS, mix_batch, parse_rand_augment, rand_augment,
                                          random_erasing, smooth_one_hot, soft_cross_entropy)
 
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import wait_until_answers
-from pipeline.config import load_config
-from pipeline.engine import free_port
+from dups.config import load_config
+from dups.engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted((ROOT / "cluster").glob("aws-*.yaml"))
@@ -75,7 +75,7 @@ def test_config_batch_arithmetic(name, gpus, global_batch):
 
 
 def test_a_gpu_run_never_falls_back_to_cpus():
-    from cluster.launch import wants_gpus
+    from dups.cluster.launch import wants_gpus
 
     cfg = load_config("finetune_ade20k_tiny", ["launch.cpus_per_worker=1"])
     assert wants_gpus(cfg, {"CPU": 64, "GPU": 4}, joined=True)
@@ -91,7 +91,7 @@ def test_a_gpu_run_never_falls_back_to_cpus():
 def test_local_launcher_refuses_use_gpu_without_cuda(tmp_path):
     import torch
 
-    from cluster.launch import train_local
+    from dups.cluster.launch import train_local
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -136,7 +136,7 @@ def wait_status(client, job_id, wanted, seconds=120):
 
 @pytest.mark.integration
 def test_submit_follow_list_logs_stop(ray_head, monkeypatch):
-    from cluster.submit import client, jobs, submit
+    from dups.cluster.submit import client, jobs, submit
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-print-me")
@@ -172,7 +172,7 @@ def test_a_ray_the_project_starts_listens_on_loopback_only(tmp_path):
 
     script = (
         "import json, psutil, ray\n"
-        "from data_prep.local_ray import init_ray\n"
+        "from dups.cluster.local_ray import init_ray\n"
         "init_ray(num_cpus=1, log_to_driver=False)\n"
         "def cmd(p):  # processes may be zombies or gone by the time they are read\n"
         "    try:\n"
@@ -202,7 +202,7 @@ def test_a_ray_the_project_starts_listens_on_loopback_only(tmp_path):
 
 
 def test_submit_refuses_an_unknown_command_before_contacting_the_cluster(capsys):
-    from cluster.cli import main
+    from dups.cli import main
 
     # nothing listens on port 9: the refusal comes before any connection or upload
     assert main(["submit", "--address", "http://127.0.0.1:9", "--", "dups", "tran", "demo"]) == 2
@@ -215,7 +215,7 @@ def test_submit_refuses_an_unknown_command_before_contacting_the_cluster(capsys)
 def test_version(capsys):
     from importlib.metadata import version
 
-    from cluster.cli import main
+    from dups.cli import main
 
     with pytest.raises(SystemExit) as done:
         main(["--version"])

@@ -4,8 +4,8 @@ remove the launch cost that dominates batch-1 latency on a GPU (BENCHMARKS.md)."
 import pytest
 import torch
 
-from model import RatioPolicy
-from model.segmentor import build_segmentor
+from dups.models import RatioPolicy
+from dups.models.segmentor import build_segmentor
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_static_policies_trace_as_one_graph(model, kind):
 def test_kernel_probes_are_constants_to_the_compiler(model, monkeypatch):
     """The xformers / libnatten probes import and run kernels; traced, they broke the graph
     at every attention call on a GPU. Here each probe breaks the graph if it is traced."""
-    import model.attention as attention
+    import dups.models.attention as attention
 
     def untraceable() -> bool:
         torch._dynamo.graph_break()

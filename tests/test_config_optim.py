@@ -4,12 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.cli import main as cli_main
-from model.segmentor import build_segmentor
-from pipeline.config import ConfigError, load_config
-from pipeline.optim import build_optimizer, lr_factor, param_groups
+from dups.cli import main as cli_main
+from dups.models.segmentor import build_segmentor
+from dups.config import ConfigError, load_config
+from dups.engine.optim import build_optimizer, lr_factor, param_groups
 
-CONFIGS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(p.stem for p in (Path(__file__).parents[1] / "dups" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -83,13 +83,13 @@ def test_base_files_merge_key_by_key_and_errors_name_the_file(tmp_path):
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n != "demo"])
 def test_shipped_configs_are_a_few_lines_over_their_base(name):
-    text = (Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text()
+    text = (Path(__file__).parents[1] / "dups" / "configs" / f"{name}.yaml").read_text()
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert lines[0].startswith("_base_: _base_/") and len(lines) <= 6
 
 
 def test_cli_takes_options_anywhere(capsys, tmp_path):
-    from cluster.cli import parse
+    from dups.cli import parse
 
     for argv in (["eval", "demo", "--checkpoint", "C", "a.b=1", "c.d=2"],
                  ["eval", "--checkpoint", "C", "demo", "a.b=1", "c.d=2"],
@@ -141,7 +141,7 @@ def test_param_groups_and_schedule():
 
 
 def test_full_upsampling_warmup_covers_the_first_fraction_of_training():
-    from pipeline.train import in_full_warmup
+    from dups.tasks.segmentation import in_full_warmup
 
     cfg = load_config("demo", ["train.iters=10", "upsampling.full_warmup=0.3"])
     assert [in_full_warmup(step, cfg) for step in range(10)] == [True] * 3 + [False] * 7
@@ -149,7 +149,7 @@ def test_full_upsampling_warmup_covers_the_first_fraction_of_training():
 
 
 def test_eq1_mask_steps_follow_the_rate_and_repeat_on_resume():
-    from pipeline.train import eq1_masks_at
+    from dups.tasks.segmentation import eq1_masks_at
 
     def steps(rate: float, policy: str = "dynamic", seed: int = 0) -> list[bool]:
         cfg = load_config("demo", [f"upsampling.eq1_mask_rate={rate}", f"train.seed={seed}"])
@@ -166,9 +166,9 @@ def test_a_saved_config_from_before_a_field_existed_keeps_the_model_it_trained()
     """A checkpoint's config records every model field; one saved before score_pixels and
     pixel_data existed (both now on by default) gets them off, as its model was built; one
     saved before pixel_data_hidden gets the linear pixel embedding."""
-    from model.config import resolved_fields
-    from pipeline.config import config_from_dict
-    from pipeline.train import build_model
+    from dups.models.config import resolved_fields
+    from dups.config import config_from_dict
+    from dups.tasks import build_model
 
     cfg = load_config("demo")
     saved = cfg.to_dict()
@@ -194,7 +194,7 @@ def test_a_saved_config_from_before_a_field_existed_keeps_the_model_it_trained()
 def test_a_misspelt_model_key_is_one_line_before_ray_or_mlflow_start(tmp_path, monkeypatch, capsys):
     import ray
 
-    from cluster.cli import main
+    from dups.cli import main
 
     monkeypatch.chdir(tmp_path)
     for override, said in (("model.encoder.score_pixel=false", "unknown key 'model.encoder.score_pixel' (known: "),
@@ -203,7 +203,7 @@ def test_a_misspelt_model_key_is_one_line_before_ray_or_mlflow_start(tmp_path, m
         assert main(["train", "demo", override]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"override {override}: " in err[0] and said in err[0], err
-    (tmp_path / "mine.yaml").write_text("_base_: " + str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    (tmp_path / "mine.yaml").write_text("_base_: " + str(Path(__file__).parents[1] / "dups" / "configs" / "demo.yaml")
                                         + "\nmodel:\n  encoder:\n    score_pixel: false\n")
     assert main(["train", str(tmp_path / "mine.yaml")]) == 2
     err = capsys.readouterr().err
@@ -213,11 +213,11 @@ def test_a_misspelt_model_key_is_one_line_before_ray_or_mlflow_start(tmp_path, m
 
 @pytest.mark.parametrize("base", ["finetune", "pretrain_imagenet"])
 def test_the_task_bases_set_only_what_differs_from_the_defaults(base):
-    """The recipe's defaults live in pipeline/config.py only: a base file that repeated one
+    """The recipe's defaults live in dups/config.py only: a base file that repeated one
     would keep an old value when the default is corrected."""
     import yaml
 
-    from pipeline.config import CONFIG_DIR, Config
+    from dups.config import CONFIG_DIR, Config
 
     defaults = Config().to_dict()
     tree = yaml.safe_load((CONFIG_DIR / "_base_" / f"{base}.yaml").read_text())

@@ -10,8 +10,8 @@ import pytest
 
 import train_helpers as th
 from conftest import wait_until_answers
-from pipeline.credentials import forwarded_env, redact, redact_tree
-from pipeline.engine import free_port
+from dups.cluster.credentials import forwarded_env, redact, redact_tree
+from dups.engine.distributed import free_port
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
 
@@ -32,8 +32,8 @@ def test_redact_and_what_is_forwarded():
     assert forwarded_env(environ=env) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
                                           "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_EXPERIMENT_NAME": "e"}
     assert set(forwarded_env(True, env)) == set(env) - {"HOME"}
-    from pipeline.credentials import split_userinfo
-    from pipeline.tracking import flatten
+    from dups.cluster.credentials import split_userinfo
+    from dups.tracking.runs import flatten
 
     assert split_userinfo("https://ann:p%40ss@h:5000/x") == ("https://h:5000/x", "ann", "p@ss")
     assert split_userinfo("sqlite:///a.db") == ("sqlite:///a.db", "", "")
@@ -66,10 +66,10 @@ def test_training_and_export_leave_no_credential_anywhere(tmp_path, mlflow_serve
                AWS_SESSION_TOKEN=SENTINELS["AWS_SESSION_TOKEN"],
                MLFLOW_TRACKING_URI=f"http://dups:{SENTINELS['password']}@127.0.0.1:{port}")
     out = tmp_path / "out"
-    train = [sys.executable, "-m", "cluster.cli", "train", "demo", f"data.train={shards}", f"train.output={out}",
+    train = [sys.executable, "-m", "dups.cli", "train", "demo", f"data.train={shards}", f"train.output={out}",
              "data.crop=64", "data.batch_size=2", "data.workers=0", "train.iters=2", "train.checkpoint_every=2",
              "train.eval_every=2", "train.log_every=1", "launch.launcher=local"]
-    export = [sys.executable, "-m", "cluster.cli", "export", str(out), str(out / "weights.safetensors")]
+    export = [sys.executable, "-m", "dups.cli", "export", str(out), str(out / "weights.safetensors")]
     outputs = []
     for command in (train, export):
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)

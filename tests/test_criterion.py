@@ -3,10 +3,10 @@ and the score loss against a direct computation."""
 import pytest
 import torch
 
-from model.criterion import CriterionConfig, SegmentationCriterion, semantic_targets
-from model.decoder import Prediction
-from model.edges import edge_map, edge_scores, token_targets
-from model.upsampling import UpsampleRecord
+from dups.models.criterion import CriterionConfig, SegmentationCriterion, semantic_targets
+from dups.models.decoder import Prediction
+from dups.models.edges import edge_map, edge_scores, token_targets
+from dups.models.upsampling import UpsampleRecord
 
 
 def random_case(seed=0, b=2, q=7, k=5, h=32, w=40):

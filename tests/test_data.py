@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.job import prepare
-from data_prep.synth import write_ade20k_layout
-from model.edges import edge_scores
-from pipeline import augment
-from pipeline.data import TrainStream, load_manifest, plan_epoch, read_samples, read_shard, shards_of, train_loader
-from pipeline.config import load_config
-from pipeline.train import _SegmentationEval, _SegmentationTransform
+from dups.data.prep import prepare
+from dups.data.synth import write_ade20k_layout
+from dups.models.edges import edge_scores
+from dups.data import augment
+from dups.data.streams import TrainStream, load_manifest, plan_epoch, read_samples, read_shard, shards_of, train_loader
+from dups.config import load_config
+from dups.tasks.segmentation import SegmentationEval, SegmentationTransform
 
-TRANSFORM = _SegmentationTransform(64, (0.5, 1.5), True)
+TRANSFORM = SegmentationTransform(64, (0.5, 1.5), True)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,8 @@ def test_precomputed_maps_equal_recomputed_ones(dataset):
         assert torch.equal(out["scores"][s], m)
     # with upsampling.edge_radius the run's transforms compute the widened targets instead
     cfg = load_config("demo", ["upsampling.edge_radius=2"])
-    out = _SegmentationTransform.of(cfg)(sample, np.random.default_rng(0))
-    ev = _SegmentationEval.of(cfg)(sample)
+    out = SegmentationTransform.of(cfg)(sample, np.random.default_rng(0))
+    ev = SegmentationEval.of(cfg)(sample)
     for got, label in ((out, out["label"]), (ev, ev["label"])):
         for s, m in edge_scores(label, radius=2).items():
             assert torch.equal(got["scores"][s], m)
@@ -156,7 +156,7 @@ def test_an_epoch_reads_every_sample_once(five_shards):
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory):
     """23 training samples in one shard, indexed every 4th sample."""
-    import data_prep.job as job
+    import dups.data.prep as job
 
     root = tmp_path_factory.mktemp("one")
     write_ade20k_layout(root / "src", train=23, val=1, size=(96, 128), seed=9)
@@ -220,7 +220,7 @@ def test_prep_mixes_a_class_sorted_listing(tmp_path):
     """ImageNet's listing is sorted by class; the training shards are not, so a batch read
     straight through (no shuffle buffer) holds several classes."""
     import prep_fixtures as fx
-    from pipeline.train import _ClassificationTransform
+    from dups.tasks.classification import ClassificationTransform
 
     for c in range(6):
         for j in range(6):
@@ -229,14 +229,14 @@ def test_prep_mixes_a_class_sorted_listing(tmp_path):
             shard_bytes=4_000, progress=False, use_ray=False)
     shards = shards_of(str(tmp_path / "shards"), load_manifest(str(tmp_path / "shards")), "train")
     assert len(shards) > 3
-    loader, position = train_loader(shards, _ClassificationTransform(16), 4, 0, 1, 0, seed=0, shuffle_buffer=1)
+    loader, position = train_loader(shards, ClassificationTransform(16), 4, 0, 1, 0, seed=0, shuffle_buffer=1)
     batches = take(loader, position.stream.batches_per_epoch(0))
     classes = [len(set(b["label"].tolist())) for b in batches]
     assert np.mean(classes) >= 2.5, classes
 
 
 def test_a_damaged_shard_is_an_error_naming_it_and_the_last_sample(dataset, tmp_path):
-    from pipeline.data import Shard, read_samples
+    from dups.data.streams import Shard, read_samples
 
     shard = shards_of(dataset, load_manifest(dataset), "train")[0]
     data = open(shard.url, "rb").read()

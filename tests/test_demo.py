@@ -3,7 +3,7 @@ Train -> eval -> MLflow, with the token picture in the run."""
 import pytest
 from mlflow import MlflowClient
 
-from cluster.demo import run_demo
+from dups.cluster.demo import run_demo
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
 

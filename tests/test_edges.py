@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from model.edges import edge_map, edge_scores, token_targets
+from dups.models.edges import edge_map, edge_scores, token_targets
 
 
 def brute_force_scores(label: np.ndarray, s: int, ignore: int = 255) -> np.ndarray:
@@ -87,9 +87,9 @@ def test_training_targets_line_up_with_the_tokens_the_model_sees():
     (brute force, not ``edge_scores``), and the image pixels under it show the same classes."""
     import io
     from PIL import Image
-    from model.segmentor import PIXEL_MEAN, PIXEL_STD
-    from model.tokens import grid_centres
-    from pipeline import augment
+    from dups.data.images import PIXEL_MEAN, PIXEL_STD
+    from dups.models.tokens import grid_centres
+    from dups.data import augment
 
     colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [220, 220, 40]], np.uint8)
     label = np.zeros((90, 150), np.uint8)  # not square, not a multiple of 32

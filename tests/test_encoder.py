@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from cluster.cli import main as cli_main
-from model import ENCODERS, RatioPolicy, build_encoder
-from model.edges import edge_scores, token_targets
+from dups.cli import main as cli_main
+from dups.models import ENCODERS, RatioPolicy, build_encoder
+from dups.models.edges import edge_scores, token_targets
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_score_mlp_learns_edge_fractions():
     # better than the best constant guess: it has learnt where the edges are
     assert final < 0.5 * targets.var().item(), (final, targets.var().item())
     # and it ranks edge tokens above flat ones in every block (held-out scenes)
-    from pipeline.evaluate import _head_quality
+    from dups.evaluation.evaluate import _head_quality
     images, labels = synthetic_batch(8, seed=1)
     maps = edge_scores(labels)
     with torch.no_grad():

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from model import RatioPolicy
-from model.edges import edge_scores
-from model.segmentor import build_segmentor
-from pipeline.config import EvalConfig
-from pipeline.evaluate import (_probs, confusion, evaluate, multi_scale, scores_from_confusion,
+from dups.models import RatioPolicy
+from dups.models.edges import edge_scores
+from dups.models.segmentor import build_segmentor
+from dups.config import EvalConfig
+from dups.evaluation.evaluate import (_probs, confusion, evaluate, multi_scale, scores_from_confusion,
                                sliding_window)
-from pipeline.measure import count_gmacs
+from dups.evaluation.measure import count_gmacs
 
 
 def test_aacc_macc_miou_equal_torchmetrics_in_percent():
@@ -62,8 +62,8 @@ def test_one_window_and_one_scale_equal_single_scale():
 
 
 def test_cityscapes_windows_are_segformers_three_and_their_flops_count():
-    from pipeline.config import load_config
-    from pipeline.evaluate import window_starts
+    from dups.config import load_config
+    from dups.evaluation.evaluate import window_starts
     cfg = load_config("finetune_cityscapes_tiny")
     assert window_starts(2048, cfg.data.crop, cfg.eval.window_stride) == [0, 768, 1024]
     assert window_starts(1024, cfg.data.crop, cfg.eval.window_stride) == [0]
@@ -116,7 +116,7 @@ def test_evaluate_reports_flops_tokens_and_pictures():
 
 def boundary_sample() -> dict:
     """A 96 x 128 evaluation sample with one vertical boundary and a corner, and its score maps."""
-    from model.edges import edge_scores
+    from dups.models.edges import edge_scores
     label = torch.zeros(96, 128, dtype=torch.long)
     label[:, 40:] = 1
     label[70:, 90:] = 2
@@ -154,7 +154,7 @@ def test_selection_against_the_ground_truth_per_upsampling_block():
 
 
 def test_selection_counts_and_their_summary_by_hand():
-    from pipeline.evaluate import _selection_counts, _selection_summary
+    from dups.evaluation.evaluate import _selection_counts, _selection_summary
     edge = torch.tensor([True, True, False, False, True])
     assert _selection_counts(torch.tensor([0, 2]), edge) == (2, 5, 3, 1)
     # two images, two blocks; the second image's second block had no candidates
@@ -166,7 +166,7 @@ def test_selection_counts_and_their_summary_by_hand():
 
 def test_score_head_quality_by_hand():
     """AUC counted pair by pair (ties half) and the flat tokens kept under tau, two images pooled."""
-    from pipeline.evaluate import _head_quality
+    from dups.evaluation.evaluate import _head_quality
     import numpy as np
     tau = (0.01, 0.02)
     # block 1: edges (true > 0.01) predicted 0.05, 0.02; flat predicted 0.0, 0.02, 0.03
@@ -186,7 +186,7 @@ def test_images_whose_sides_are_not_multiples_of_32_evaluate():
     its score maps (ceil(H/s) x ceil(W/s), from the label) do not reach the padding's tokens,
     which count as edge-free. (Evaluation crashed on such images: index out of bounds.)"""
     import torch.nn.functional as F
-    from model.edges import edge_scores
+    from dups.models.edges import edge_scores
     torch.manual_seed(0)
     model = build_segmentor("dups_demo", num_classes=5)
     label = torch.zeros(100, 150, dtype=torch.long)
@@ -221,7 +221,7 @@ def test_collectives_run_on_the_backends_device():
     """NCCL takes only CUDA tensors: every collective's device is collective_device()'s choice."""
     import torch.distributed as dist
 
-    from pipeline.engine import all_reduce_sum, collective_device, free_port
+    from dups.engine.distributed import all_reduce_sum, collective_device, free_port
 
     assert collective_device("nccl") == torch.device("cuda", 0)
     assert collective_device("NCCL").type == "cuda"

@@ -13,8 +13,8 @@ from mlflow import MlflowClient
 
 import prep_fixtures as fx
 import train_helpers as th
-from cluster.launch import ray_storage, train_ray
-from data_prep.job import prepare
+from dups.cluster.launch import ray_storage, train_ray
+from dups.data.prep import prepare
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
 
@@ -78,7 +78,7 @@ def test_killed_prep_job_reruns_to_identical_shards(tmp_path):
                         progress=False, use_ray=False)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "prep", "ade20k", "--src", str(src),
+    proc = subprocess.Popen([sys.executable, "-m", "dups.cli", "prep", "ade20k", "--src", str(src),
                              "--out", str(out), "--shard-size", "0.02", "--num-cpus", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -120,7 +120,7 @@ def test_a_damaged_shard_stops_the_run_instead_of_restarting_into_it(tmp_path, m
     finally:
         ray.shutdown()
     errors = [str(e) for e in failure.value.worker_failures.values()]
-    assert errors and all("not restarted: pipeline.data.ShardError: shard " in e and "is damaged" in e
+    assert errors and all("not restarted: dups.data.streams.ShardError: shard " in e and "is damaged" in e
                           for e in errors), errors
     assert len(list((Path(ray_storage(cfg)) / cfg.name).glob("*/fatal.json"))) == 1  # in its launch's folder
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")  # on a CPU in its interpreter: TRITON_INTERPRET=1 (conftest.py)
 
-from model.attention import NeighbourhoodAttention, cluster_neighbourhood  # noqa: E402
+from dups.models.attention import NeighbourhoodAttention, cluster_neighbourhood  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -36,7 +36,7 @@ def test_fused_kernel_equals_the_reference_forward_and_backward(n, keys):
 def test_a_fused_preference_runs_where_the_kernel_applies(monkeypatch):
     """A named backend is a model-wide preference: grids and a global stage's one group of every
     token (over the kernel's tile) take what ``auto`` would, clusters take the kernel."""
-    from model.attention import FUSED_MAX_QUERIES, global_neighbourhood, grid_neighbourhood, resolve_backend
+    from dups.models.attention import FUSED_MAX_QUERIES, global_neighbourhood, grid_neighbourhood, resolve_backend
 
     ys, xs = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
     centres = (torch.stack([xs, ys], -1).reshape(1, 64, 2).float() * 32 + 16).to(DEVICE)
@@ -57,9 +57,9 @@ def test_the_whole_segmentor_runs_with_the_fused_preference(monkeypatch):
     """``model.encoder.attention_backend=fused`` reaches the pixel decoder too; stage 1's global
     attention (36 tokens at 192 x 192, over the kernel's tile) stays on SDPA; the answer equals
     the reference backend's."""
-    import model.attention as attention
-    from model import RatioPolicy
-    from model.segmentor import build_segmentor
+    import dups.models.attention as attention
+    from dups.models import RatioPolicy
+    from dups.models.segmentor import build_segmentor
 
     ran = []
     for name, fn in list(attention._ATTEND.items()):
@@ -84,8 +84,8 @@ def test_the_whole_segmentor_runs_with_the_fused_preference(monkeypatch):
 def test_the_fused_kernel_is_one_opaque_op_to_the_compiler():
     """torch.compile (and so CUDA graphs) sees each kernel as one custom op with a known output
     shape: a fixed-beta forward with the fused preference is still one graph, backward included."""
-    from model import RatioPolicy
-    from model.segmentor import build_segmentor
+    from dups.models import RatioPolicy
+    from dups.models.segmentor import build_segmentor
 
     torch.manual_seed(0)
     model = build_segmentor("dups_demo", 5, encoder={"attention_backend": "fused"}).to(DEVICE)

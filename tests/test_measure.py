@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from model.attention import BIAS_DIRECTIONS, BIAS_WAVELENGTHS, NeighbourhoodAttention, cluster_neighbourhood
-from pipeline.measure import count_gmacs
+from dups.models.attention import BIAS_DIRECTIONS, BIAS_WAVELENGTHS, NeighbourhoodAttention, cluster_neighbourhood
+from dups.evaluation.measure import count_gmacs
 
 
 def test_fused_cpu_attention_is_counted():

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 import train_helpers as th
-from cluster.cli import main as cli_main
-from cluster.launch import train_local
+from dups.cli import main as cli_main
+from dups.cluster.launch import train_local
 from conftest import wait_until_answers
-from pipeline.engine import free_port
+from dups.engine.distributed import free_port
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
 

@@ -7,8 +7,8 @@ from mlflow import MlflowClient
 
 import prep_fixtures as fx
 import train_helpers as th
-from cluster.launch import train_ray
-from data_prep.job import prepare
+from dups.cluster.launch import train_ray
+from dups.data.prep import prepare
 
 import pytest
 

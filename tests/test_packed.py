@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
-from model import RatioPolicy
-from model.attention import cluster_neighbourhood
-from model.decoder.densify import cover_pyramid
-from model.edges import edge_scores, token_targets
-from model.segmentor import build_segmentor
-from synthetic import scenes
+from dups.models import RatioPolicy
+from dups.models.attention import cluster_neighbourhood
+from dups.models.decoder.densify import cover_pyramid
+from dups.models.edges import edge_scores, token_targets
+from dups.apis.inference import inference_model
+from dups.models.segmentor import build_segmentor
+from dups.data.synth import tensor_scenes
 
 
 def test_padded_budget_rounds_up_to_the_bucket():
@@ -29,7 +30,7 @@ def test_padded_budget_rounds_up_to_the_bucket():
 def _images(height: int = 192, width: int = 256):
     """Four scenes. At 192 x 256 every image has at least a neighbourhood's 48 tokens (the
     stem's 6 x 8); at 128 x 160 (4 x 5) some keys of a packed batch are padding, masked."""
-    images, labels = scenes(4, size=256, seed=3)
+    images, labels = tensor_scenes(4, size=256, seed=3)
     return images[..., :height, :width], labels[:, :height, :width]
 
 
@@ -79,15 +80,15 @@ def test_bucketed_single_image_equals_unbucketed_and_predict_packs():
     assert not all(bool(rec.chosen.all()) for rec in bucketed.records)
     torch.testing.assert_close(bucketed.final.masks, plain.final.masks, rtol=0, atol=1e-5)
     model.encoder.ratio_policy = policy
-    together = model.predict(images)  # one packed forward
+    together = inference_model(model, images)  # one packed forward
     for i, lab in enumerate(together):
-        assert torch.equal(lab, model.predict(images[i:i + 1])[0])
+        assert torch.equal(lab, inference_model(model, images[i:i + 1])[0])
 
 
 def test_training_packed_scores_only_real_candidates():
     """``upsampling.policy=per_image`` trains with eq. 1 per image: the score loss of the packed
     batch is the MSE pooled over each image's own candidates, and gradients stay finite."""
-    from model.criterion import SegmentationCriterion
+    from dups.models.criterion import SegmentationCriterion
 
     torch.manual_seed(0)
     model = build_segmentor("dups_demo", num_classes=5).train()

@@ -4,7 +4,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.plots import curves_figure
+from dups.tracking.plots import curves_figure
 
 
 def test_curves_figure_draws_the_logged_points():

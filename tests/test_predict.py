@@ -1,4 +1,4 @@
-"""`dups predict` and `DUPSSegmentor.from_pretrained`: a briefly trained model's predictions on
+"""`dups predict` and `init_model` / `inference_model`: a briefly trained model's predictions on
 the validation images equal `dups eval`'s, from exported weights and from the checkpoint."""
 import io
 import json
@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 
 import train_helpers as th
-from cluster.cli import main as cli_main
-from cluster.launch import train_local
-from data_prep.labels import remap_table
-from model.ratios import RatioPolicy
-from model.segmentor import DUPSSegmentor
-from pipeline.evaluate import confusion, scores_from_confusion
-from pipeline.evaluate_cli import run_eval
-from pipeline.export import export_weights
+from dups.cli import main as cli_main
+from dups.cluster.launch import train_local
+from dups.data.labels import remap_table
+from dups.models.ratios import RatioPolicy
+from dups.apis.inference import inference_model, init_model
+from dups.evaluation.evaluate import confusion, scores_from_confusion
+from dups.evaluation.run import run_eval
+from dups.engine.export import export_weights
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
 
@@ -70,20 +70,20 @@ def test_predict_writes_what_eval_measures_and_reports_bad_images(trained, tmp_p
 
 
 def test_from_pretrained_and_predict_on_images_of_any_size(trained):
-    model = DUPSSegmentor.from_pretrained(trained["weights"])
+    model = init_model(trained["weights"])
     assert not model.training and model.encoder.ratio_policy.kind == "dynamic"
     files = sorted(trained["images"].glob("*.jpg"))
     images = [Image.open(f) for f in files]
-    labels = model.predict(images)  # PIL images of different sizes
+    labels = inference_model(model, images)  # PIL images of different sizes
     assert [lab.shape for lab in labels] == [im.size[::-1] for im in images]
     # the same weights through the checkpoint: the same predictions
-    again = DUPSSegmentor.from_pretrained(trained["checkpoint"]).predict([np.asarray(im) for im in images])
+    again = inference_model(init_model(trained["checkpoint"]), [np.asarray(im) for im in images])
     assert all(torch.equal(a, b) for a, b in zip(labels, again))
     # one size, a policy that does not depend on the image: one batched forward, as one by one
     same = [np.asarray(images[0])] * 2 + [np.asarray(images[0])[:, ::-1]]
     fixed = RatioPolicy.from_preset("fixed", "ade20k")
-    batched = model.predict(same, fixed)
-    single = [model.predict([im], fixed)[0] for im in same]
+    batched = inference_model(model, same, fixed)
+    single = [inference_model(model, [im], fixed)[0] for im in same]
     assert all((a == b).float().mean() > 0.999 for a, b in zip(batched, single))
 
 
@@ -93,9 +93,9 @@ def test_weights_without_their_config_are_a_clear_error(trained, tmp_path):
     lone = tmp_path / "lone.safetensors"
     save_file(load_file(trained["weights"]), str(lone))
     with pytest.raises(ValueError, match=f"{lone}: no config saved with these weights"):
-        DUPSSegmentor.from_pretrained(str(lone))
+        init_model(str(lone))
     assert cli_main(["predict", str(trained["images"]), "--checkpoint", str(lone), "--out", str(tmp_path / "o"),
-                     "--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml")]) == 0
+                     "--config", str(Path(__file__).parents[1] / "dups" / "configs" / "demo.yaml")]) == 0
 
 
 def test_a_checkpoint_keeps_its_model_when_a_default_changes(trained, monkeypatch):
@@ -105,8 +105,8 @@ def test_a_checkpoint_keeps_its_model_when_a_default_changes(trained, monkeypatc
     names the field."""
     import dataclasses
 
-    import model.config as model_config
-    from pipeline.pretrained import load_pretrained
+    import dups.models.config as model_config
+    from dups.apis.pretrained import load_pretrained
 
     _, before = run_eval(trained["cfg"], trained["checkpoint"])
     saved = json.loads((Path(trained["checkpoint"]) / "config.json").read_text())["model"]
@@ -124,8 +124,8 @@ def test_a_checkpoint_keeps_its_model_when_a_default_changes(trained, monkeypatc
     named = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decoder={"fuse_coarse": False}))
     assert load_pretrained(trained["checkpoint"], config=named).model.pixel_decoder.fuse_coarse is False
     # a run resumed by newer code continues the model it trained
-    from cluster.launch import resume_point
-    from pipeline.train import build_model
+    from dups.cluster.launch import resume_point
+    from dups.tasks import build_model
 
     url, resumed = resume_point(cfg, trained["checkpoint"])
     assert url == trained["checkpoint"] and build_model(resumed).pixel_decoder.fuse_coarse is True
@@ -143,7 +143,7 @@ def _exif_rotated(image: Image.Image, path: Path) -> None:
 def test_photos_as_cameras_write_them(trained, tmp_path, capsys):
     """EXIF orientation applied, 16-bit scaled to 8 bits, a single image in, one label out;
     outputs named as the README says; one clear line for a bad file and a CUDA-less --device."""
-    model = DUPSSegmentor.from_pretrained(trained["weights"])
+    model = init_model(trained["weights"])
     photo = Image.open(sorted(trained["images"].glob("*.jpg"))[0]).convert("RGB")
     shown = np.asarray(photo)
     src = tmp_path / "camera"
@@ -156,10 +156,10 @@ def test_photos_as_cameras_write_them(trained, tmp_path, capsys):
     assert Image.open(src / "grey16.png").mode == "I;16"
     (src / "notes.png").write_bytes(b"not an image at all")
 
-    single = model.predict(Image.open(src / "upright.jpg"))  # one image in: one label map out
+    single = inference_model(model, Image.open(src / "upright.jpg"))  # one image in: one label map out
     assert isinstance(single, torch.Tensor) and single.shape == shown.shape[:2]
     turned_back = np.asarray(stored.convert("RGB").transpose(Image.Transpose.ROTATE_270))  # by hand
-    assert torch.equal(single, model.predict(turned_back))
+    assert torch.equal(single, inference_model(model, turned_back))
     out = tmp_path / "out"
     assert cli_main(["predict", str(src), "--checkpoint", trained["weights"], "--out", str(out),
                      "--workers", "0"]) == 1
@@ -172,7 +172,7 @@ def test_photos_as_cameras_write_them(trained, tmp_path, capsys):
     assert np.array_equal(upright, single.numpy())
     assert Image.open(out / "overlay" / "upright.jpg").size == photo.size
     sixteen = table[np.asarray(Image.open(out / "labels" / "grey16.png"))]
-    expected = model.predict(np.repeat(grey[..., None], 3, axis=2)).numpy()
+    expected = inference_model(model, np.repeat(grey[..., None], 3, axis=2)).numpy()
     assert np.array_equal(sixteen, expected) and len(np.unique(sixteen)) > 1  # not clipped to white
 
     assert cli_main(["predict", str(src / "upright.jpg"), "--checkpoint", trained["weights"],
@@ -212,9 +212,9 @@ def test_prep_reads_images_as_shown(tmp_path):
     """A photo stored turned with EXIF orientation: its label is drawn on it as shown (as
     detectron2 and OpenCV read it); a label drawn on the stored pixels is refused, saying why."""
     import prep_fixtures as fx
-    from data_prep.job import prepare
-    from pipeline.augment import eval_segmentation
-    from pipeline.data import load_manifest, read_shard, shards_of
+    from dups.data.prep import prepare
+    from dups.data.augment import eval_segmentation
+    from dups.data.streams import load_manifest, read_shard, shards_of
 
     src = tmp_path / "src"
     fx.ade20k_with_bad_inputs(src, train=2, val=1)
@@ -272,7 +272,7 @@ def test_predict_on_ray_reads_and_writes_s3(trained, tmp_path, s3_server, monkey
     import boto3
     import ray
 
-    from pipeline.batch_predict import predict_on_ray
+    from dups.apis.batch_inference import predict_on_ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     s3 = boto3.client("s3")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import prep_fixtures as fx
-from data_prep.job import prepare
-from data_prep.labels import remap_table
-from data_prep.readers import list_split
-from data_prep.samples import encode_classification, encode_segmentation
-from model.edges import edge_scores
+from dups.data.prep import prepare
+from dups.data.labels import remap_table
+from dups.data.readers import list_split
+from dups.data.samples import encode_classification, encode_segmentation
+from dups.models.edges import edge_scores
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
 
@@ -30,7 +30,7 @@ def local_ray():
 
 
 def test_readers_on_each_published_layout(tmp_path):
-    from data_prep.labels import valid_raw_values
+    from dups.data.labels import valid_raw_values
 
     fx.cocostuff(tmp_path / "coco")
     (ref,) = list_split("cocostuff", tmp_path / "coco", "train").samples

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import prep_fixtures as fx
-from data_prep.job import TEMP_PREFIX, ShardsFailed, prepare, remove_leftovers
+from dups.data.prep import TEMP_PREFIX, ShardsFailed, prepare, remove_leftovers
 from s3_proxy import StallingProxy
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`

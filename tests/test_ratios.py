@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model.ratios import PRESETS, RatioPolicy, budget, preset, ratio_schedule
+from dups.models.ratios import PRESETS, RatioPolicy, budget, preset, ratio_schedule
 
 
 def scores(*rows):

@@ -9,8 +9,8 @@ import pytest
 
 import train_helpers as th
 from s3_proxy import StallingProxy
-from data_prep.storage import ResumableRead, S3Storage
-from pipeline.data import ShardError, read_shard
+from dups.data.storage import ResumableRead, S3Storage
+from dups.data.streams import ShardError, read_shard
 
 
 @pytest.fixture

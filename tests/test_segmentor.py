@@ -4,14 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from model import RatioPolicy
-from model.classifier import build_classifier, load_backbone
-from model.criterion import CriterionConfig, SegmentationCriterion
-from model.decoder.densify import cover_pyramid
-from model.edges import edge_scores, token_targets
-from model.segmentor import build_segmentor, oracle_maps, semantic_probabilities
-from model.upsampling import eq1_painters
-from synthetic import scenes
+from dups.apis.inference import inference_model
+from dups.models import RatioPolicy
+from dups.models.classifier import build_classifier, load_backbone
+from dups.models.criterion import CriterionConfig, SegmentationCriterion
+from dups.models.decoder.densify import cover_pyramid
+from dups.models.edges import edge_scores, token_targets
+from dups.models.segmentor import build_segmentor, oracle_maps, semantic_probabilities
+from dups.models.upsampling import eq1_painters
+from dups.data.synth import tensor_scenes
 
 PAPER_PARAMS_M = {"dups_tiny": 48.5, "dups_small": 61.7, "dups_base": 111.5}  # Table 2
 
@@ -90,7 +91,7 @@ def mean_iou(pred, labels, classes):
 def test_segmentor_overfits_four_scenes():
     """The paper's setting: eq. 2 while training, eq. 1 (per image) at inference."""
     torch.manual_seed(0)
-    images, labels = scenes(4, classes=5)
+    images, labels = tensor_scenes(4, classes=5)
     model = build_segmentor("dups_demo", num_classes=5)
     crit = SegmentationCriterion(5, CriterionConfig(num_points=2048))
     policy = RatioPolicy.from_preset("dynamic", "ade20k")
@@ -113,7 +114,7 @@ def test_segmentor_overfits_four_scenes():
 
 def test_classifier_overfits_eight_images_and_its_backbone_loads():
     torch.manual_seed(0)
-    images, labels = scenes(8, classes=5, seed=3)
+    images, labels = tensor_scenes(8, classes=5, seed=3)
     targets = torch.arange(8) % 4
     images = images + targets[:, None, None, None] * 0.5  # the class is in the image
     model = build_classifier("dups_demo", num_classes=4)
@@ -155,7 +156,7 @@ def test_classifier_overfits_eight_images_and_its_backbone_loads():
 @torch.no_grad()
 def test_oracle_scores_choose_the_tokens():
     torch.manual_seed(0)
-    images, labels = scenes(2, size=128)
+    images, labels = tensor_scenes(2, size=128)
     model = build_segmentor("dups_demo", num_classes=5).train()
     g = torch.Generator().manual_seed(0)
     fractions = edge_scores(labels)
@@ -182,7 +183,7 @@ def test_oracle_scores_choose_the_tokens():
 
 def test_centre_embeddings_switch_off_everywhere():
     """The sinusoidal centre embeddings (not in the paper) are one switch per module group."""
-    from model.upsampling import CentreEmbedding
+    from dups.models.upsampling import CentreEmbedding
     on = build_segmentor("dups_demo", 5, {"centre_embedding": True}, {"centre_embedding": True})
     off = build_segmentor("dups_demo", 5)  # the default
     assert sum(isinstance(m, CentreEmbedding) for m in on.modules()) == 5  # stem, 3 blocks, pixel decoder
@@ -218,7 +219,7 @@ def test_bf16_weights_infer_as_autocast_does():
     decided = top2[:, 0] - top2[:, 1] > 0.01
     assert decided.float().mean() > 0.5
     assert (bf16.argmax(1) == ref.argmax(1))[decided].float().mean() > 0.99
-    labels = model.predict([torch.randint(0, 255, (70, 90, 3), dtype=torch.uint8).numpy()], policy)
+    labels = inference_model(model, [torch.randint(0, 255, (70, 90, 3), dtype=torch.uint8).numpy()], policy)
     assert labels[0].shape == (70, 90)
 
 
@@ -250,7 +251,7 @@ def test_fuse_coarse_changes_only_the_cells_of_unsplit_tokens():
 def test_cell_and_root_heads_score_a_token_with_the_mean_of_its_cells_squares():
     """score_cells = 2 and score_root: a head whose last layer outputs a constant
     (-0.1, 0.2, -0.3, 0.4) per cell scores every token (0.01 + 0.04 + 0.09 + 0.16) / 4."""
-    images, _ = scenes(1, size=128)
+    images, _ = tensor_scenes(1, size=128)
     model = build_segmentor("dups_demo", num_classes=5, encoder={"score_cells": 2, "score_root": True}).eval()
     for block in model.encoder.upsample:
         nn.init.zeros_(block.score[-1].weight)
@@ -266,7 +267,7 @@ def test_cell_and_root_heads_score_a_token_with_the_mean_of_its_cells_squares():
 
 def test_pixel_data_adds_each_stride4_cells_own_pixels_to_the_mask_features():
     torch.manual_seed(0)
-    images, _ = scenes(1, size=128)
+    images, _ = tensor_scenes(1, size=128)
     model = build_segmentor("dups_demo", num_classes=5).eval()  # pixel_data: the default
     pix = model.pixel_decoder
     with torch.no_grad():
@@ -286,7 +287,7 @@ def test_pixel_spread_heads_add_each_patchs_cell_spread_to_their_input():
     """score_pixels: every head scores score(score_in(token) + spread_in(s)), s the per-channel
     standard deviation of the cell embeddings over the token's own patch (brute force here)."""
     torch.manual_seed(0)
-    images, _ = scenes(1, size=128)
+    images, _ = tensor_scenes(1, size=128)
     images = torch.cat([images, images.flip(-1)])[:, :, :, :96]  # two images, 128 x 96
     model = build_segmentor("dups_demo", num_classes=5)  # score_pixels: the default
     inputs = []

@@ -11,8 +11,8 @@ import yaml
 from mlflow import MlflowClient
 
 import train_helpers as th
-from cluster.launch import train_local, train_ray
-from pipeline.engine import free_port
+from dups.cluster.launch import train_local, train_ray
+from dups.engine.distributed import free_port
 
 pytestmark = pytest.mark.integration  # Ray, DeepSpeed engines, processes or servers: `pytest --integration`
 
@@ -116,7 +116,7 @@ def test_two_ray_workers_zero2_learn_on_uneven_shards(shards, tmp_path, monkeypa
     import ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    from pipeline.data import load_manifest
+    from dups.data.streams import load_manifest
     sizes = [s["samples"] for s in load_manifest(shards)["splits"]["train"]["shards"]]
     assert len(set(sizes)) > 1  # uneven shards: no rank may hang
     cfg = th.test_config(shards, tmp_path, "train.iters=24", "train.checkpoint_every=12",
@@ -150,8 +150,8 @@ def test_pretraining_on_imagenet_layout(tmp_path):
     """The classification task end to end in one process: random-ratio schedule, top-1/top-5."""
     import prep_fixtures as fx
 
-    from data_prep.job import prepare
-    from pipeline.config import load_config
+    from dups.data.prep import prepare
+    from dups.config import load_config
 
     fx.imagenet(tmp_path / "in")
     prepare("imagenet", str(tmp_path / "in"), str(tmp_path / "shards"), progress=False, use_ray=False)
@@ -168,15 +168,15 @@ def test_pretraining_on_imagenet_layout(tmp_path):
     # top-1 of the exported weights on the two validation images, computed independently
     from safetensors.torch import load_file
 
-    from model.classifier import build_classifier
-    from model.ratios import RatioPolicy
-    from pipeline.data import EvalStream, load_manifest, shards_of
-    from pipeline.train import _ClassificationEval
+    from dups.models.classifier import build_classifier
+    from dups.models.ratios import RatioPolicy
+    from dups.data.streams import EvalStream, load_manifest, shards_of
+    from dups.tasks.classification import ClassificationEval
 
     model = build_classifier("dups_demo", 2)
     model.load_state_dict(load_file(str(tmp_path / cfg.name / f"{cfg.name}.safetensors")))
     shards = shards_of(str(tmp_path / "shards"), load_manifest(str(tmp_path / "shards")), "val")
-    samples = list(EvalStream(shards, _ClassificationEval(64), 0, 1))
+    samples = list(EvalStream(shards, ClassificationEval(64), 0, 1))
     torch.manual_seed(0)  # evaluation's own seed for the random token selection
     with torch.no_grad():
         logits = model.eval()(torch.stack([s["image"] for s in samples]), RatioPolicy("random", random_ratio=0.5))
@@ -190,7 +190,7 @@ def test_pretraining_on_imagenet_layout(tmp_path):
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(shards, tmp_path, monkeypatch):
     """A step whose loss is not finite is skipped (the weights stay finite) and counted in
     train/skipped_steps; train.max_nonfinite_steps in a row stop the run, marked FAILED."""
-    from model.criterion import SegmentationCriterion
+    from dups.models.criterion import SegmentationCriterion
 
     real = SegmentationCriterion.forward
     bad_steps: set[int] = set()
@@ -223,7 +223,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(shards, tmp_path,
 def test_bad_inputs_are_found_before_anything_starts(shards, tmp_path):
     import shutil
 
-    from pipeline.train import check_inputs
+    from dups.engine.trainer import check_inputs
 
     cfg = th.test_config(shards, tmp_path, "model.num_classes=19")
     with pytest.raises(ValueError, match=r"manifest.json has 150 classes but model.num_classes=19"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data_prep.job import prepare
-from data_prep.synth import write_ade20k_layout
-from pipeline.config import load_config
+from dups.data.prep import prepare
+from dups.data.synth import write_ade20k_layout
+from dups.config import load_config
 
 
 def make_dataset(root: Path, train: int = 16, val: int = 2, seed: int = 11, shard_bytes: int = 40_000) -> str:
@@ -27,8 +27,8 @@ def spawned_rank(rank: int, world: int, port: int, overrides: list[str], shards:
     """Entry point of one rank in a spawned process group (no Ray)."""
     import torch.distributed as dist
 
-    from cluster.launch import local_hooks
-    from pipeline.train import train
+    from dups.cluster.launch import local_hooks
+    from dups.engine.trainer import train
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
