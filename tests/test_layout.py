@@ -50,18 +50,18 @@ def test_no_import_circles():
     graph = {m: {t for t in deps if not m.startswith(t + ".")} for m, deps in graph.items()}
     cycles, state = [], {}
 
-    def visit(node, stack):
+    def walk(node, stack):
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
                 cycles.append(stack[stack.index(nxt):] + [nxt])
             elif nxt not in state:
-                visit(nxt, stack + [nxt])
+                walk(nxt, stack + [nxt])
         state[node] = "done"
 
     for node in sorted(graph):
         if node not in state:
-            visit(node, [node])
+            walk(node, [node])
     assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
 
 
